@@ -1,0 +1,300 @@
+"""PrototypeBank: the class and context prototypes of every class, with metadata; safe save and load.
+
+The file is a ``torch.save`` of plain tensors, strings and numbers only, so it loads with
+``torch.load(weights_only=True)``: opening a bank never runs code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import pickle
+import zipfile
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ._version import __version__
+
+__all__ = ["PrototypeBank", "BankError", "classifier_fingerprint"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "lpcam-prototype-bank"
+FORMAT_VERSION = 1
+
+
+class BankError(ValueError):
+    """A bank file is unreadable, foreign, or does not fit the model it is used with."""
+
+
+def classifier_fingerprint(weight: torch.Tensor, bias: torch.Tensor | None = None) -> str:
+    """sha256 (first 16 hex digits) of the classifier's float32 values: identifies the checkpoint."""
+    digest = hashlib.sha256()
+    digest.update(weight.detach().float().cpu().contiguous().numpy().tobytes())
+    if bias is not None:
+        digest.update(bias.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class PrototypeBank:
+    """Class (foreground) and context prototypes per class.
+
+    Args:
+        foreground: {class_index: [k_c, C]} class prototypes (at least one row per class present).
+        context: {class_index: [m_c, C]} context prototypes (m_c may be 0; a missing class means 0).
+        meta: metadata (config, feature_dim, num_classes, class_names, classifier_fingerprint,
+            features seen per pool, ...). ``feature_dim`` and ``num_classes`` are filled in when absent.
+
+    Example:
+        >>> bank = PrototypeBank({0: torch.randn(3, 8)}, {0: torch.randn(2, 8)}, {"num_classes": 1})
+        >>> bank.classes, bank.feature_dim
+        ([0], 8)
+    """
+
+    def __init__(
+        self,
+        foreground: Mapping[int, torch.Tensor],
+        context: Mapping[int, torch.Tensor] | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        context = dict(context or {})
+        self.meta: dict[str, Any] = dict(meta or {})
+        self.foreground = {int(k): _as_prototypes(v, f"foreground[{k}]") for k, v in sorted(foreground.items())}
+        context = {int(k): _as_prototypes(v, f"context[{k}]", allow_empty=True) for k, v in context.items()}
+        dims = {v.shape[1] for v in self.foreground.values()} | {v.shape[1] for v in context.values() if v.numel()}
+        if not self.foreground:
+            raise BankError("PrototypeBank: no class has a prototype (foreground is empty)")
+        if len(dims) != 1:
+            raise BankError(f"PrototypeBank: prototypes of different feature dims {sorted(dims)}")
+        (dim,) = dims
+        for key, rows in self.foreground.items():
+            if rows.shape[0] == 0:
+                raise BankError(f"PrototypeBank: class {key} has zero class prototypes")
+        stray = sorted(k for k, v in context.items() if v.numel() and k not in self.foreground)
+        if stray:
+            raise BankError(f"PrototypeBank: context prototypes for classes {stray} that have no class prototype")
+        self.context = {key: context.get(key, torch.empty(0, dim)).reshape(-1, dim) for key in self.foreground}
+        declared_dim = self.meta.setdefault("feature_dim", dim)
+        if int(declared_dim) != dim:
+            raise BankError(f"PrototypeBank: meta feature_dim={declared_dim} but prototypes have {dim} channels")
+        num_classes = int(self.meta.setdefault("num_classes", max(self.foreground) + 1))
+        if max(self.foreground) >= num_classes or min(self.foreground) < 0:
+            raise BankError(f"PrototypeBank: class indices {list(self.foreground)} outside 0..{num_classes - 1}")
+        self._stack_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ views
+    @property
+    def classes(self) -> list[int]:
+        """Class indices that have prototypes."""
+        return list(self.foreground)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.meta["feature_dim"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    def without_context(self) -> PrototypeBank:
+        """The same class prototypes with every context prototype removed (the paper's ablation)."""
+        return PrototypeBank(self.foreground, {}, {**self.meta, "context_removed": True})
+
+    def check_classes(self, classes: Iterable[int], name: str = "classes") -> list[int]:
+        """Validate class indices against the bank; returns them as ints."""
+        out = [int(c) for c in classes]
+        unknown = [c for c in out if c not in self.foreground]
+        if unknown:
+            raise ValueError(
+                f"{name}: class(es) {unknown} have no prototype in this bank "
+                f"(it holds classes {self.classes} of {self.num_classes})"
+            )
+        return out
+
+    def stacked(self, classes: Iterable[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Everything :func:`~lpcam_core.maps.lpcam_map` needs for ``classes``, cached per device.
+
+        Returns:
+            unit prototypes [P, C] float32 (class then context rows of every requested class),
+            mixing weights [n, P] float32 (``1/k_c`` on class rows, ``-1/m_c`` on context rows),
+            has_context [n] bool.
+        """
+        classes = tuple(self.check_classes(classes))
+        key = (classes, str(device))
+        cached = self._stack_cache.get(key)
+        if cached is not None:
+            return cached
+        rows, has_context = [], []
+        offset = 0
+        total = sum(self.foreground[c].shape[0] + self.context[c].shape[0] for c in classes)
+        mix = torch.zeros(len(classes), total, dtype=torch.float32)
+        for i, c in enumerate(classes):
+            fg, ctx = self.foreground[c], self.context[c]
+            rows += [fg, ctx]
+            mix[i, offset : offset + fg.shape[0]] = 1.0 / fg.shape[0]
+            offset += fg.shape[0]
+            if ctx.shape[0]:
+                mix[i, offset : offset + ctx.shape[0]] = -1.0 / ctx.shape[0]
+            offset += ctx.shape[0]
+            has_context.append(ctx.shape[0] > 0)
+        unit = F.normalize(torch.cat(rows).float(), dim=1, eps=1e-8)
+        result = (unit.to(device), mix.to(device), torch.tensor(has_context, device=device))
+        if len(self._stack_cache) > 256:
+            self._stack_cache.clear()
+        self._stack_cache[key] = result
+        return result
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One row per class: index, name, class and context prototype counts, features seen."""
+        names = self.meta.get("class_names") or []
+        seen = self.meta.get("features_seen") or {}
+        out = []
+        for c in range(self.num_classes):
+            out.append(
+                {
+                    "class": c,
+                    "name": names[c] if c < len(names) else "",
+                    "class_prototypes": int(self.foreground[c].shape[0]) if c in self.foreground else 0,
+                    "context_prototypes": int(self.context[c].shape[0]) if c in self.context else 0,
+                    "class_features_seen": int(seen.get(f"class/{c}", 0)),
+                    "context_features_seen": int(seen.get(f"context/{c}", 0)),
+                }
+            )
+        return out
+
+    def __repr__(self) -> str:
+        n_fg = sum(v.shape[0] for v in self.foreground.values())
+        n_ctx = sum(v.shape[0] for v in self.context.values())
+        return (
+            f"PrototypeBank(classes={len(self.foreground)}/{self.num_classes}, feature_dim={self.feature_dim}, "
+            f"class_prototypes={n_fg}, context_prototypes={n_ctx})"
+        )
+
+    # ------------------------------------------------------------------ files
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors and Python values only (``weights_only`` safe)."""
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "library_version": __version__,
+            "foreground": {str(k): v.contiguous() for k, v in self.foreground.items()},
+            "context": {str(k): v.contiguous() for k, v in self.context.items()},
+            "meta": _plain(self.meta),
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically (temporary file, then rename): an existing bank is never half-overwritten."""
+        from .io import atomic_write_bytes
+
+        buffer = io.BytesIO()
+        torch.save(self.state_dict(), buffer)
+        atomic_write_bytes(path, buffer.getvalue())
+        logger.info("saved %r to %s", self, path)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        *,
+        classifier_weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        num_classes: int | None = None,
+        feature_dim: int | None = None,
+    ) -> PrototypeBank:
+        """Load and validate a bank.
+
+        Args:
+            path: a file written by :meth:`save`.
+            classifier_weight, bias: when given, the bank must have been built with this classifier.
+            num_classes, feature_dim: when given, the bank must fit a model of this shape.
+
+        Raises:
+            FileNotFoundError: no such file.
+            BankError: a truncated or foreign file, or a bank that does not fit.
+        """
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"prototype bank not found: {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as err:
+            raise BankError(f"{path}: not a readable LPCAM prototype bank (truncated or foreign file: {err})") from None
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise BankError(f"{path}: not an LPCAM prototype bank (no '{FORMAT}' marker)")
+        if int(state.get("format_version", -1)) > FORMAT_VERSION:
+            raise BankError(
+                f"{path}: bank format {state.get('format_version')} is newer than this library reads "
+                f"({FORMAT_VERSION}); upgrade lpcam"
+            )
+        try:
+            bank = cls(
+                {int(k): v for k, v in state["foreground"].items()},
+                {int(k): v for k, v in state["context"].items()},
+                state.get("meta", {}),
+            )
+        except (KeyError, TypeError, AttributeError) as err:
+            raise BankError(f"{path}: malformed LPCAM prototype bank ({err})") from None
+        except BankError as err:
+            raise BankError(f"{path}: {err}") from None
+        bank.check_fits(num_classes=num_classes, feature_dim=feature_dim, classifier_weight=classifier_weight, bias=bias, source=path)
+        return bank
+
+    def check_fits(
+        self,
+        *,
+        num_classes: int | None = None,
+        feature_dim: int | None = None,
+        classifier_weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        source: str = "bank",
+    ) -> None:
+        """Raise :class:`BankError` when the bank does not fit a model of this shape or classifier."""
+        if num_classes is not None and int(num_classes) != self.num_classes:
+            raise BankError(f"{source}: built for {self.num_classes} classes, the model has {num_classes}")
+        if feature_dim is not None and int(feature_dim) != self.feature_dim:
+            raise BankError(f"{source}: built on {self.feature_dim}-d features, the model gives {feature_dim}")
+        if classifier_weight is not None:
+            from .prototypes import _as_linear_weight
+
+            weight = _as_linear_weight(classifier_weight, "classifier_weight")
+            expected = self.meta.get("classifier_fingerprint")
+            got = classifier_fingerprint(weight, bias)
+            if expected is None:
+                logger.warning("%s: has no classifier fingerprint; cannot check it matches the model", source)
+            elif expected != got:
+                raise BankError(
+                    f"{source}: built with another classifier (fingerprint {expected}, this model's is {got}); "
+                    "rebuild the bank for this checkpoint"
+                )
+
+
+def _as_prototypes(value: Any, name: str, allow_empty: bool = False) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise BankError(f"PrototypeBank: {name} must be a tensor [k, C], got {type(value).__name__}")
+    if value.ndim == 1 and value.numel() == 0 and allow_empty:
+        return value.reshape(0, 0).float()
+    if value.ndim != 2:
+        raise BankError(f"PrototypeBank: {name} must be [k, C], got shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise BankError(f"PrototypeBank: {name} must be floating point, got {value.dtype}")
+    if not bool(torch.isfinite(value).all()):
+        raise BankError(f"PrototypeBank: {name} holds NaN or inf values")
+    return value.detach().cpu().float()
+
+
+def _plain(value: Any) -> Any:
+    """Metadata as str/int/float/bool/None/list/dict only (what ``weights_only`` loads)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return str(value)

@@ -1,0 +1,192 @@
+"""LPCAMConfig: the one home of every LPCAM setting, with the paper's presets and YAML round-trip.
+
+Environment variables and YAML files only fill this dataclass; nothing else holds settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+__all__ = ["LPCAMConfig", "PRESETS"]
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class LPCAMConfig:
+    """Settings of prototype building and map generation.
+
+    Attributes:
+        num_clusters: K, clusters per pool (class pool and context pool, each).
+        fg_threshold: tau. Feature positions whose normalised CAM is > tau go to the class pool,
+            those < tau to the context pool; a value exactly tau goes to neither (as released).
+        class_threshold: mu_f. A class-pool centre is a class prototype when its softmax
+            probability for the class is > mu_f (no upper bound).
+        context_low: lower bound on a context centre's probability (code only, VOC 0.05).
+        context_high: mu_b. A context-pool centre is a context prototype when
+            context_low < p < mu_b.
+        fallback_best_center: when no class centre passes mu_f, keep the best-scoring one and
+            log a warning (the COCO release does this; the VOC release crashes instead).
+        images_per_class: COCO's clustering subset: this many images per class, sampled with
+            replacement from the images labelled with the class (``None``: every image).
+        seed: seeds K-means, reservoir sampling and image sampling.
+        memory_budget_bytes: pools of all classes together stay below this; once full, each pool
+            keeps a seeded uniform reservoir sample of the features it was offered.
+        kmeans_max_iter: iteration cap of K-means.
+        kmeans_tol: stop when the relative change of inertia falls below this.
+        kmeans_n_init: K-means restarts (best inertia kept).
+        scales: inference scales; each scale is run with its horizontal flip.
+        max_normalise_eps: added to the max in the final division. 0.0 reproduces the release
+            (maps whose maximum is not positive are then returned as zeros; see maps.py).
+    """
+
+    num_clusters: int = 12
+    fg_threshold: float = 0.1
+    class_threshold: float = 0.9
+    context_low: float = 0.05
+    context_high: float = 0.9
+    fallback_best_center: bool = True
+    images_per_class: int | None = None
+    seed: int = 666
+    memory_budget_bytes: int = 2 * GIB
+    kmeans_max_iter: int = 100
+    kmeans_tol: float = 1e-4
+    kmeans_n_init: int = 1
+    scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
+    max_normalise_eps: float = 0.0
+    preset_name: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first setting out of its range."""
+
+        def need(ok: bool, name: str, expected: str) -> None:
+            if not ok:
+                raise ValueError(f"LPCAMConfig.{name}={getattr(self, name)!r}: expected {expected}")
+
+        need(isinstance(self.num_clusters, int) and self.num_clusters >= 1, "num_clusters", "an int >= 1")
+        for name in ("fg_threshold", "class_threshold", "context_low", "context_high"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and math.isfinite(value), name, "a finite number")
+        need(0.0 <= self.fg_threshold <= 1.0, "fg_threshold", "a CAM value in [0, 1]")
+        need(0.0 <= self.class_threshold < 1.0, "class_threshold", "a probability in [0, 1)")
+        need(self.context_low < self.context_high, "context_low", f"< context_high ({self.context_high})")
+        need(
+            self.images_per_class is None or (isinstance(self.images_per_class, int) and self.images_per_class >= 1),
+            "images_per_class",
+            "None or an int >= 1",
+        )
+        need(isinstance(self.seed, int), "seed", "an int")
+        need(isinstance(self.memory_budget_bytes, int) and self.memory_budget_bytes > 0, "memory_budget_bytes", "a positive int")
+        need(isinstance(self.kmeans_max_iter, int) and self.kmeans_max_iter >= 1, "kmeans_max_iter", "an int >= 1")
+        need(self.kmeans_tol >= 0, "kmeans_tol", "a number >= 0")
+        need(isinstance(self.kmeans_n_init, int) and self.kmeans_n_init >= 1, "kmeans_n_init", "an int >= 1")
+        need(len(self.scales) >= 1 and all(s > 0 for s in self.scales), "scales", "one or more positive scales")
+        need(self.max_normalise_eps >= 0, "max_normalise_eps", "a number >= 0")
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> LPCAMConfig:
+        """The paper's settings for ``"voc"`` or ``"coco"`` (PAPER.md), with optional overrides.
+
+        Example:
+            >>> LPCAMConfig.preset("coco").num_clusters
+            20
+        """
+        key = name.lower()
+        if key not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}: expected one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[key], "preset_name": key, **overrides})
+
+    def replace(self, **changes: Any) -> LPCAMConfig:
+        """A copy with some settings changed (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python dict (YAML/JSON safe)."""
+        out = dataclasses.asdict(self)
+        out["scales"] = list(self.scales)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "dict") -> LPCAMConfig:
+        """Build from a mapping; a ``preset`` key selects the base values, other keys override.
+
+        Unknown keys raise ``ValueError`` naming them and ``source``.
+        """
+        if not isinstance(data, dict):
+            raise TypeError(f"{source}: expected a mapping of LPCAM settings, got {type(data).__name__}")
+        data = dict(data)
+        known = {f.name for f in fields(cls)}
+        preset = data.pop("preset", None)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown LPCAM setting(s) {unknown}; known: {sorted(known)}")
+        if preset is not None:
+            return cls.preset(str(preset), **data)
+        return cls(**data)
+
+    def to_yaml(self, path: str | os.PathLike | None = None) -> str:
+        """YAML text of the settings; also written atomically to ``path`` when given."""
+        import yaml
+
+        text = yaml.safe_dump(self.to_dict(), sort_keys=True)
+        if path is not None:
+            from .io import atomic_write_bytes
+
+            atomic_write_bytes(path, text.encode())
+        return text
+
+    @classmethod
+    def from_yaml(cls, path_or_text: str | os.PathLike) -> LPCAMConfig:
+        """Load from a YAML file path (or YAML text containing a newline)."""
+        import yaml
+
+        text = str(path_or_text)
+        source = "YAML text"
+        if "\n" not in text:
+            source = text
+            try:
+                with open(text, encoding="utf-8") as handle:
+                    text = handle.read()
+            except FileNotFoundError:
+                raise FileNotFoundError(f"LPCAM config file not found: {source}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{source}: not valid YAML ({err})") from None
+        return cls.from_dict(data, source=source)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # PAPER.md, hyper-parameters: VOC clusters the 1,464 train images at one scale, no flip.
+    "voc": dict(
+        num_clusters=12,
+        fg_threshold=0.1,
+        class_threshold=0.9,
+        context_low=0.05,
+        context_high=0.9,
+        fallback_best_center=True,
+        images_per_class=None,
+        seed=666,
+    ),
+    # COCO: 100 images per class sampled with replacement (seed 666), argmax fallback.
+    "coco": dict(
+        num_clusters=20,
+        fg_threshold=0.25,
+        class_threshold=0.9,
+        context_low=0.0,
+        context_high=0.5,
+        fallback_best_center=True,
+        images_per_class=100,
+        seed=666,
+    ),
+}

@@ -1,0 +1,241 @@
+"""LPCAM maps (PAPER.md steps 5-6) and the baseline CAM they replace, in the IRN family's file format.
+
+Every similarity is computed in float32, with autocast disabled, whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .bank import PrototypeBank
+
+__all__ = [
+    "lpcam_map",
+    "lpcam_multiscale",
+    "cam_map",
+    "cam_multiscale",
+    "strided_size",
+    "strided_up_size",
+    "normalise_by_max",
+]
+
+
+def strided_size(size: Sequence[int], stride: int) -> tuple[int, int]:
+    """(ceil(H / stride), ceil(W / stride)), the IRN family's ``get_strided_size``."""
+    return (int(size[0]) - 1) // stride + 1, (int(size[1]) - 1) // stride + 1
+
+
+def strided_up_size(size: Sequence[int], stride: int) -> tuple[int, int]:
+    """``strided_size`` times ``stride``: the /16-aligned full-resolution grid."""
+    h, w = strided_size(size, stride)
+    return h * stride, w * stride
+
+
+def _class_list(classes, name: str = "classes") -> list[int]:
+    if isinstance(classes, torch.Tensor):
+        if classes.is_floating_point() or classes.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer class indices, got {classes.dtype}")
+        return [int(c) for c in classes.reshape(-1).tolist()]
+    if isinstance(classes, np.ndarray):
+        if not np.issubdtype(classes.dtype, np.integer):
+            raise TypeError(f"{name} must hold integer class indices, got {classes.dtype}")
+        return [int(c) for c in classes.reshape(-1)]
+    if isinstance(classes, (int, np.integer)):
+        return [int(classes)]
+    try:
+        out = [c for c in classes]
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence or tensor of class indices, got {type(classes).__name__}") from None
+    if not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in out):
+        raise TypeError(f"{name} must hold integer class indices, got {out!r}")
+    return [int(c) for c in out]
+
+
+def _check_features(x: torch.Tensor, name: str, ndims: tuple[int, ...], channels: int | None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim not in ndims:
+        shapes = " or ".join({3: "[C, h, w]", 4: "[B, C, h, w]"}[d] for d in ndims)
+        raise ValueError(f"{name} must be {shapes}, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {x.dtype}")
+    if channels is not None and x.shape[-3] != channels:
+        raise ValueError(f"{name} has {x.shape[-3]} channels, the prototype bank {channels}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} holds NaN or inf values")
+
+
+def lpcam_map(fused: torch.Tensor, bank: PrototypeBank, classes) -> torch.Tensor:
+    """LPCAM of ``classes`` on one feature map (PAPER.md step 5), all classes in one matmul.
+
+    ``A_c = mean_i cos(f, P_c,i) - mean_j cos(f, B_c,j)`` then ReLU; a class with no context prototype
+    gets the bare mean similarity, neither subtraction nor ReLU (the official release's rule).
+
+    Args:
+        fused: [C, h, w] or [B, C, h, w] local features (the flip-fused sum for inference).
+        bank: the prototypes.
+        classes: sequence or tensor of class indices, each present in ``bank``.
+
+    Returns:
+        [n, h, w] or [B, n, h, w] float32 on ``fused``'s device.
+    """
+    _check_features(fused, "fused", (3, 4), bank.feature_dim)
+    keys = bank.check_classes(_class_list(classes), "classes")
+    single = fused.ndim == 3
+    x = fused[None] if single else fused
+    b, c, h, w = x.shape
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        unit, mix, has_context = bank.stacked(keys, x.device)
+        rows = F.normalize(x.float().flatten(2).transpose(1, 2), dim=2, eps=1e-8)  # [B, hw, C]
+        scores = (rows @ unit.T) @ mix.T  # [B, hw, n]
+        scores = torch.where(has_context, scores.clamp_min(0.0), scores)
+        out = scores.transpose(1, 2).reshape(b, len(keys), h, w)
+    return out[0] if single else out
+
+
+def normalise_by_max(maps: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """Divide each [h, w] map of [n, h, w] by its maximum (+ eps).
+
+    The release divides by the bare maximum. A map whose maximum is not positive has no evidence for
+    the class anywhere: dividing would flip or blow up its values, so such a map becomes all zeros
+    (documented guard; with eps > 0 the division is the IRN family's ``max + eps`` instead).
+    """
+    peak = maps.flatten(1).max(dim=1).values[:, None, None] if maps.numel() else maps.new_zeros(maps.shape[0], 1, 1)
+    if eps > 0:
+        return maps / (peak + eps)
+    positive = peak > 0
+    return torch.where(positive, maps / torch.where(positive, peak, torch.ones_like(peak)), torch.zeros_like(maps))
+
+
+def _resize_and_average(per_scale: list[torch.Tensor], image_size: tuple[int, int], eps: float):
+    """Per-scale maps [n, h_s, w_s] -> (cam [n, H/4, W/4], high_res [n, H, W]) averaged and max-normalised."""
+    height, width = image_size
+    small = strided_size(image_size, 4)
+    large = strided_up_size(image_size, 16)
+    cams, highs = [], []
+    for maps in per_scale:
+        maps = maps[:, None]  # each class resized alone, as [n, 1, h, w]
+        cams.append(F.interpolate(maps, small, mode="bilinear", align_corners=False)[:, 0])
+        highs.append(F.interpolate(maps, large, mode="bilinear", align_corners=False)[:, 0, :height, :width])
+    cam = normalise_by_max(torch.stack(cams).mean(0), eps)
+    high = normalise_by_max(torch.stack(highs).mean(0), eps)
+    return cam, high
+
+
+def _check_multiscale(features, image_size) -> tuple[int, int]:
+    if isinstance(features, torch.Tensor):
+        features = [features]
+    if not isinstance(features, (list, tuple)) or not features:
+        raise TypeError("features must be a non-empty list over scales of [2, C, h, w] tensors (image, flipped image)")
+    try:
+        height, width = (int(v) for v in image_size)
+    except (TypeError, ValueError):
+        raise TypeError(f"image_size must be (H, W), got {image_size!r}") from None
+    if height < 1 or width < 1:
+        raise ValueError(f"image_size must be positive, got {image_size!r}")
+    return height, width
+
+
+def lpcam_multiscale(features, bank: PrototypeBank, keys, image_size, *, eps: float = 0.0) -> dict:
+    """LPCAM for one image over scales and flips, in the IRN family's file format (PAPER.md steps 5-6).
+
+    At each scale the flipped view's features are flipped back and added to the image's
+    (``fused = f[0] + f[1].flip(-1)``) before any similarity; the per-scale maps are bilinearly resized to
+    the stride-4 grid and to the /16-aligned grid cropped to the image, averaged over scales and divided
+    by their maximum (see :func:`normalise_by_max` for the guard on non-positive maxima).
+
+    Args:
+        features: list over scales of [2, C, h_s, w_s] (image, flipped image); a single [2, C, h, w]
+            tensor counts as one scale.
+        bank: the prototypes.
+        keys: the present classes (sequence or tensor of indices).
+        image_size: (H, W) of the original image.
+        eps: added to the maximum (0, the release's bare division).
+
+    Returns:
+        ``{"keys": int64 tensor [n], "cam": float32 tensor [n, ceil(H/4), ceil(W/4)] (CPU),
+        "high_res": float32 numpy [n, H, W]}``.
+    """
+    height, width = _check_multiscale(features, image_size)
+    features = [features] if isinstance(features, torch.Tensor) else list(features)
+    class_list = bank.check_classes(_class_list(keys, "keys"), "keys")
+    per_scale = []
+    for i, pair in enumerate(features):
+        _check_features(pair, f"features[{i}]", (4,), bank.feature_dim)
+        if pair.shape[0] != 2:
+            raise ValueError(f"features[{i}] must hold 2 views (image, flipped image), got {pair.shape[0]}")
+        with torch.autocast(device_type=pair.device.type, enabled=False):
+            fused = pair[0].float() + pair[1].float().flip(-1)
+        per_scale.append(lpcam_map(fused, bank, class_list))
+    return _irn_record(class_list, per_scale, (height, width), eps)
+
+
+def _irn_record(class_list: list[int], per_scale: list[torch.Tensor], image_size: tuple[int, int], eps: float) -> dict:
+    if not class_list:
+        small = strided_size(image_size, 4)
+        return {
+            "keys": torch.zeros(0, dtype=torch.int64),
+            "cam": torch.zeros(0, *small),
+            "high_res": np.zeros((0, *image_size), dtype=np.float32),
+        }
+    cam, high = _resize_and_average(per_scale, image_size, eps)
+    return {
+        "keys": torch.tensor(class_list, dtype=torch.int64),
+        "cam": cam.float().cpu(),
+        "high_res": high.float().cpu().numpy(),
+    }
+
+
+def cam_map(features: torch.Tensor, classifier_weight: torch.Tensor, classes=None) -> torch.Tensor:
+    """The baseline CAM ``ReLU(W . f)`` (no normalisation).
+
+    Args:
+        features: [C, h, w] or [B, C, h, w].
+        classifier_weight: [num_classes, C] (or a [num_classes, C, 1, 1] conv weight).
+        classes: optional class indices to keep (default: all).
+
+    Returns:
+        [n, h, w] or [B, n, h, w] float32.
+    """
+    from .prototypes import _as_linear_weight
+
+    weight = _as_linear_weight(classifier_weight, "classifier_weight")
+    _check_features(features, "features", (3, 4), weight.shape[1])
+    if classes is not None:
+        weight = weight[_class_list(classes)]
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        out = torch.einsum("...chw,nc->...nhw", features.float(), weight.to(features.device).float())
+    return out.clamp_min(0.0)
+
+
+def cam_multiscale(features, classifier_weight: torch.Tensor, keys, image_size, *, eps: float = 1e-5) -> dict:
+    """The IRN family's own multi-scale CAM (its ``make_cam``), in the same file format.
+
+    Per scale ``relu(W f(img)) + flip(relu(W f(flip img)))``, resized like :func:`lpcam_multiscale`,
+    summed over scales and divided by ``max + 1e-5``.
+
+    Args:
+        features: list over scales of [2, C, h_s, w_s] (image, flipped image).
+        classifier_weight: [num_classes, C].
+        keys: present classes.
+        image_size: (H, W).
+        eps: added to the maximum (IRN: 1e-5).
+    """
+    height, width = _check_multiscale(features, image_size)
+    features = [features] if isinstance(features, torch.Tensor) else list(features)
+    class_list = _class_list(keys, "keys")
+    per_scale = []
+    for i, pair in enumerate(features):
+        _check_features(pair, f"features[{i}]", (4,), None)
+        if pair.shape[0] != 2:
+            raise ValueError(f"features[{i}] must hold 2 views (image, flipped image), got {pair.shape[0]}")
+        maps = cam_map(pair, classifier_weight, class_list)
+        per_scale.append(maps[0] + maps[1].flip(-1))
+    # Mean and sum differ by a constant factor, which the max division removes (eps aside: the sum,
+    # as IRN, is kept so the eps acts exactly as in the host).
+    record = _irn_record(class_list, [m * len(per_scale) for m in per_scale], (height, width), eps)
+    return record
