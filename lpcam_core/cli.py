@@ -1,0 +1,147 @@
+"""The ``lpcam`` command line: ``info``, ``eval``, ``demo``; host adapters add their own subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from ._version import __version__
+
+__all__ = ["main", "build_parser"]
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .bank import PrototypeBank
+
+    bank = PrototypeBank.load(args.bank)
+    meta = bank.meta
+    print(f"{args.bank}: {bank!r}")
+    print(f"  library version {meta.get('library_version', '?')}, classifier fingerprint {meta.get('classifier_fingerprint')}")
+    cfg = meta.get("config") or {}
+    if cfg:
+        print(
+            "  K={num_clusters} tau={fg_threshold} mu_f={class_threshold} context=({context_low}, {context_high}) "
+            "seed={seed}".format(**{k: cfg.get(k, "?") for k in
+                                   ("num_clusters", "fg_threshold", "class_threshold", "context_low", "context_high", "seed")})
+        )
+    print(f"  images seen: {meta.get('images_seen', '?')}")
+    print()
+    print("| class | name | class prototypes | context prototypes | class features seen | context features seen |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for row in bank.summary():
+        print(
+            f"| {row['class']} | {row['name']} | {row['class_prototypes']} | {row['context_prototypes']} | "
+            f"{row['class_features_seen']} | {row['context_features_seen']} |"
+        )
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from . import metrics
+    from .io import read_id_list
+
+    ids = read_id_list(args.list)
+    names = list(VOC_CLASSES) if args.num_classes == 21 else [str(i) for i in range(args.num_classes)]
+    if args.sweep:
+        thresholds = [round(args.sweep_start + i * args.sweep_step, 6)
+                      for i in range(int(round((args.sweep_stop - args.sweep_start) / args.sweep_step)) + 1)]
+        best, curve = metrics.sweep_thresholds(args.cams, args.gt, ids, thresholds, num_classes=args.num_classes,
+                                               background=args.background)
+        print("| threshold | mIoU (%) |")
+        print("|---:|---:|")
+        for threshold, miou in curve:
+            mark = " (best)" if threshold == best else ""
+            print(f"| {threshold:.2f}{mark} | {100 * miou:.2f} |")
+        threshold = best
+    else:
+        threshold = args.threshold
+    result = metrics.evaluate_seeds(args.cams, args.gt, ids, threshold, num_classes=args.num_classes,
+                                    background=args.background)
+    print(f"\nthreshold {threshold}: mIoU {100 * result['miou']:.2f}  precision {100 * result['mean_precision']:.2f}  "
+          f"recall {100 * result['mean_recall']:.2f}  ({len(ids)} images)")
+    print("| class | IoU (%) |")
+    print("|---|---:|")
+    for name, iou in zip(names, result["iou"]):
+        print(f"| {name} | {100 * iou:.2f} |")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lpcam",
+        description="LPCAM: class activation maps from local prototypes (CVPR 2023) for WSSS hosts.",
+    )
+    parser.add_argument("--version", action="version", version=f"lpcam {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    info = sub.add_parser("info", help="what a prototype bank holds, per class",
+                          description="Print a prototype bank's settings and its per-class prototype counts.")
+    info.add_argument("bank", help="bank file written by PrototypeBuilder / `lpcam <host> prototypes`")
+    info.set_defaults(func=_cmd_info)
+
+    ev = sub.add_parser(
+        "eval", help="seed mIoU of an IRN-format CAM directory",
+        description="Seed mIoU (and precision/recall) of <cams>/<id>.npy files {keys, high_res} against "
+                    "VOC-style palette PNGs <gt>/<id>.png, at one background threshold or a sweep.",
+    )
+    ev.add_argument("--cams", required=True, help="directory of <id>.npy CAM files (IRN format)")
+    ev.add_argument("--gt", required=True, help="directory of <id>.png ground-truth palette PNGs (255 = ignore)")
+    ev.add_argument("--list", required=True, help="image id list (e.g. voc12/train.txt)")
+    group = ev.add_mutually_exclusive_group()
+    group.add_argument("--threshold", type=float, default=0.3, help="background threshold (default 0.3, the paper's)")
+    group.add_argument("--sweep", action="store_true", help="sweep the threshold and report the best")
+    ev.add_argument("--sweep-start", type=float, default=0.05)
+    ev.add_argument("--sweep-stop", type=float, default=0.6)
+    ev.add_argument("--sweep-step", type=float, default=0.05)
+    ev.add_argument("--num-classes", type=int, default=21, help="classes including background (VOC: 21)")
+    ev.add_argument("--background", choices=("plane", "channel0"), default="plane",
+                    help="'plane': constant background at the threshold (IRN); 'channel0': AMN files")
+    ev.set_defaults(func=_cmd_eval)
+
+    try:
+        from .demo import add_demo_arguments, main_from_args
+    except ImportError:  # pragma: no cover - the demo module ships with the package
+        pass
+    else:
+        demo = sub.add_parser("demo", help="CAM vs LPCAM on a synthetic part-based benchmark (CPU, minutes)",
+                              description="Generate a synthetic VOC-layout dataset, train a small CNN from image "
+                                          "labels, and compare CAM and LPCAM seeds; writes a report.")
+        add_demo_arguments(demo)
+        demo.set_defaults(func=main_from_args)
+
+    try:
+        from lpcam_adapters import _cli as adapters_cli
+    except ImportError:
+        pass
+    else:
+        adapters_cli.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose + 1, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError, TypeError) as err:
+        if args.verbose >= 2:
+            raise
+        parser.exit(2, f"lpcam {args.command}: error: {err}\n")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
