@@ -61,7 +61,11 @@ class LPCAMConfig:
     preset_name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+        try:
+            scales = tuple(float(s) for s in self.scales)
+        except (TypeError, ValueError):
+            raise ValueError(f"LPCAMConfig.scales={self.scales!r}: expected a sequence of positive numbers") from None
+        object.__setattr__(self, "scales", scales)
         self.validate()
 
     def validate(self) -> None:
@@ -71,24 +75,30 @@ class LPCAMConfig:
             if not ok:
                 raise ValueError(f"LPCAMConfig.{name}={getattr(self, name)!r}: expected {expected}")
 
-        need(isinstance(self.num_clusters, int) and self.num_clusters >= 1, "num_clusters", "an int >= 1")
-        for name in ("fg_threshold", "class_threshold", "context_low", "context_high"):
-            value = getattr(self, name)
-            need(isinstance(value, (int, float)) and math.isfinite(value), name, "a finite number")
+        def is_int(value: Any) -> bool:  # bool is an int subclass; `num_clusters: yes` must not mean 1
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        need(is_int(self.num_clusters) and self.num_clusters >= 1, "num_clusters", "an int >= 1")
+        for name in ("fg_threshold", "class_threshold", "context_low", "context_high", "kmeans_tol", "max_normalise_eps"):
+            need(is_number(getattr(self, name)), name, "a finite number")
+        need(isinstance(self.fallback_best_center, bool), "fallback_best_center", "true or false")
         need(0.0 <= self.fg_threshold <= 1.0, "fg_threshold", "a CAM value in [0, 1]")
         need(0.0 <= self.class_threshold < 1.0, "class_threshold", "a probability in [0, 1)")
         need(self.context_low < self.context_high, "context_low", f"< context_high ({self.context_high})")
         need(
-            self.images_per_class is None or (isinstance(self.images_per_class, int) and self.images_per_class >= 1),
+            self.images_per_class is None or (is_int(self.images_per_class) and self.images_per_class >= 1),
             "images_per_class",
             "None or an int >= 1",
         )
-        need(isinstance(self.seed, int), "seed", "an int")
-        need(isinstance(self.memory_budget_bytes, int) and self.memory_budget_bytes > 0, "memory_budget_bytes", "a positive int")
-        need(isinstance(self.kmeans_max_iter, int) and self.kmeans_max_iter >= 1, "kmeans_max_iter", "an int >= 1")
+        need(is_int(self.seed), "seed", "an int")
+        need(is_int(self.memory_budget_bytes) and self.memory_budget_bytes > 0, "memory_budget_bytes", "a positive int")
+        need(is_int(self.kmeans_max_iter) and self.kmeans_max_iter >= 1, "kmeans_max_iter", "an int >= 1")
         need(self.kmeans_tol >= 0, "kmeans_tol", "a number >= 0")
-        need(isinstance(self.kmeans_n_init, int) and self.kmeans_n_init >= 1, "kmeans_n_init", "an int >= 1")
-        need(len(self.scales) >= 1 and all(s > 0 for s in self.scales), "scales", "one or more positive scales")
+        need(is_int(self.kmeans_n_init) and self.kmeans_n_init >= 1, "kmeans_n_init", "an int >= 1")
+        need(len(self.scales) >= 1 and all(s > 0 and math.isfinite(s) for s in self.scales), "scales", "one or more positive scales")
         need(self.max_normalise_eps >= 0, "max_normalise_eps", "a number >= 0")
 
     # ------------------------------------------------------------------ presets
