@@ -334,8 +334,9 @@ class FeaturePool:
         for i in range(len(parts)):
             m = int(parts[i].shape[0])
             lo, hi = (int(v) for v in np.searchsorted(keep, [start, start + m]))
-            if hi > lo:
-                out[written : written + hi - lo] = parts[i][torch.from_numpy(keep[lo:hi] - start)]
+            if hi > lo:  # straight into ``out``: no temporary copy of the selected rows
+                index = torch.from_numpy(keep[lo:hi] - start)
+                torch.index_select(parts[i], 0, index, out=out[written : written + hi - lo])
                 written += hi - lo
             start += m
             parts[i] = None  # type: ignore[call-overload]
@@ -397,6 +398,13 @@ class FeaturePool:
             pool._consolidate(sort=True)
         return pool
 
+
+# The pools hold at most this share of config.memory_budget_bytes. The rest is headroom for the
+# transients of streaming: the image being added (its features and their split) and, when the pools are
+# capped, the new tensor of a pool's kept rows while the old rows are still held. With the whole budget
+# given to the pools, the process's peak RSS exceeded the budget by ~0.2-0.5 GiB at 2 GiB
+# (benchmarks/speed.py, VOC-sized stream).
+POOL_SHARE_OF_BUDGET = 0.9
 
 _MALLOC_TRIM = None
 _FREED_BYTES = 0  # pool storage freed since the heap was last trimmed (process-wide, as the heap is)
@@ -592,11 +600,13 @@ class PrototypeBuilder:
 
     @property
     def budget_rows(self) -> int:
-        """How many feature rows all pools may hold together."""
+        """How many feature rows all pools may hold together: ``POOL_SHARE_OF_BUDGET`` (90%) of the memory
+        budget, the rest being headroom for the transients of streaming (see that constant)."""
         if self.feature_dim is None or self.dtype is None:
             return 0
         row_bytes = self.feature_dim * torch.empty(0, dtype=self.dtype).element_size()
-        return max(self.config.memory_budget_bytes // row_bytes, 2 * self.num_classes)
+        pool_bytes = int(self.config.memory_budget_bytes * POOL_SHARE_OF_BUDGET)
+        return max(pool_bytes // row_bytes, 2 * self.num_classes)
 
     @property
     def bytes_held(self) -> int:
