@@ -34,8 +34,10 @@ class LPCAMConfig:
         images_per_class: COCO's clustering subset: this many images per class, sampled with
             replacement from the images labelled with the class (``None``: every image).
         seed: seeds K-means, reservoir sampling and image sampling.
-        memory_budget_bytes: pools of all classes together stay below this; once full, each pool
-            keeps a seeded uniform reservoir sample of the features it was offered.
+        memory_budget_bytes: prototype building stays within this much memory above the process's
+            baseline: the pools of all classes together hold at most 90% of it (the rest is headroom for
+            the image being added and for re-allocating a pool when pools are capped); once full, each
+            pool keeps a seeded uniform sample of the features it was offered.
         kmeans_max_iter: iteration cap of K-means.
         kmeans_tol: stop when the relative change of inertia falls below this.
         kmeans_n_init: K-means restarts (best inertia kept).

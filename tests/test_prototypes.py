@@ -220,16 +220,17 @@ def test_reservoir_is_a_uniform_sample_of_the_stream():
         feats = torch.stack([index, torch.ones(10, 10)])
         builder.add(feats, np.ones((1, 10, 10), np.float32), [0])
     rows = builder.pools[("class", 0)].rows()
-    assert rows.shape[0] == 1000
+    kept = rows.shape[0]
+    assert 800 <= kept == builder.budget_rows <= 1000  # the one pool holds what the budget allows
     assert builder.pools[("class", 0)].seen == per_image * images
     tags = rows[:, 0].numpy().astype(np.int64)
-    assert len(np.unique(tags)) == 1000  # sampled without replacement
+    assert len(np.unique(tags)) == kept  # sampled without replacement
     n = per_image * images
-    mean_sd = n / np.sqrt(12 * 1000)  # sd of the mean of a uniform sample of 1000 from 0..n-1
+    mean_sd = n / np.sqrt(12 * kept)  # sd of the mean of a uniform sample from 0..n-1
     assert abs(tags.mean() - (n - 1) / 2) < 4 * mean_sd
-    # every tenth of the stream is represented in about its share (100 expected, sd ~9.5)
+    # every tenth of the stream is represented in about its share (~90 expected, sd ~9)
     counts = np.bincount(tags * 10 // n, minlength=10)
-    assert counts.min() > 60 and counts.max() < 140, counts
+    assert counts.min() > 0.6 * kept / 10 and counts.max() < 1.4 * kept / 10, counts
 
 
 def test_pool_smaller_than_k_warns_and_clusters_it_whole(caplog):
