@@ -1,0 +1,496 @@
+"""Modern-stack shims for the IRN-family hosts (Python 3.11, torch 2.x, numpy 2.x).
+
+Every shim is a named patch or stand-in registered through :mod:`lpcam_adapters._hooks`, so
+``lpcam irn --explain`` lists it and nothing is imported before the host imports it:
+
+* ``voc12.dataloader:load_img_name_list``: numpy >= 1.23's ``np.loadtxt(dtype=np.int32)``
+  rejects ids like ``2007_000032``; the replacement parses each id with ``int()`` exactly as
+  older numpy did (``2007_000032`` -> ``2007000032``) and always returns a 1-D int32 array
+  (``np.loadtxt`` returned a 0-d array for a one-line list).
+* ``voc12.dataloader:decode_int_filename``: also accepts an id that is already a string.
+* ``<module>:np``: numpy's removed aliases (``np.int``, ``np.float``, ``np.bool``,
+  ``np.object``, ``np.str``) for the host modules that use them, local to those modules
+  (numpy itself is changed only while such a module's code executes).
+* ``net.resnet50:resnet50``: no ImageNet download when a checkpoint is loaded right after
+  (inside :func:`checkpoint_follows`) or always with ``LPCAM_NO_PRETRAINED=1``.
+* ``step.make_sem_seg_labels:run`` (and ``make_ins_seg_labels``): IRN's untyped numeric flags
+  (``--sem_seg_bg_thres 0.35`` arrives as a string) become numbers (:func:`coerce_args`).
+* ``step.<module>:torch``: ``torch.load`` defaults to ``map_location="cpu"`` in the host's
+  inference steps, so GPU-saved weights load on any machine.
+* stand-ins for ``chainercv`` (the subset the hosts use) and ``pydensecrf`` (raises a clear
+  error only when the CRF is actually called), served only when the real package is missing.
+
+Example:
+    >>> from lpcam_adapters import _compat
+    >>> _compat.register_irn_family()     # idempotent; the host adapters call it
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from . import _hooks
+
+__all__ = [
+    "register_irn_family",
+    "load_img_name_list",
+    "checkpoint_follows",
+    "skip_pretrained",
+    "numpy_with_aliases",
+    "torch_with_cpu_load",
+    "VOCSemanticSegmentationDataset",
+    "calc_semantic_segmentation_confusion",
+    "coerce_args",
+]
+
+logger = logging.getLogger(__name__)
+
+ENV_NO_PRETRAINED = "LPCAM_NO_PRETRAINED"
+
+# numpy aliases removed in 1.24 (np.bool came back in 2.0 as np.bool_).
+_NUMPY_ALIASES: dict[str, Any] = {
+    "int": int,
+    "float": float,
+    "bool": bool,
+    "object": object,
+    "str": str,
+    "complex": complex,
+    "long": int,
+    "unicode": str,
+}
+
+# Host modules that use the aliases: misc.pyutils at import (np.bool default argument),
+# the ReCAM/LPCAM voc12.dataloader at call time (np.int, np.str).
+_ALIAS_MODULES = ("misc.pyutils", "voc12.dataloader")
+# Host inference steps that call torch.load.
+_TORCH_LOAD_MODULES = ("step.make_cam", "step.make_recam", "step.make_sem_seg_labels", "step.make_ins_seg_labels")
+
+_register_lock = threading.Lock()
+
+
+# --------------------------------------------------------------------------- VOC id lists
+
+
+def _parse_id(token: str, path: str, line_no: int) -> int:
+    try:
+        return int(token)  # accepts "2007_000032" (PEP 515), as numpy < 1.23 did
+    except ValueError:
+        raise ValueError(
+            f"{path}:{line_no}: {token!r} is not an IRN-style numeric image id (like 2007_000032)"
+        ) from None
+
+
+def load_img_name_list(dataset_path: str | os.PathLike) -> np.ndarray:
+    """IRN's ``load_img_name_list`` without ``np.loadtxt``: ids as int32.
+
+    Args:
+        dataset_path: A list file, one id per line (``2007_000032``); several whitespace
+            separated ids per line give a 2-D array, as ``np.loadtxt`` did.
+
+    Returns:
+        int32 array [N] (or [N, k]) of ids with the underscore removed (``2007000032``).
+
+    Raises:
+        FileNotFoundError: missing list. ValueError: a token that is not a numeric id, or
+            rows of different lengths.
+    """
+    path = os.fspath(dataset_path)
+    rows: list[list[int]] = []
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, 1):
+            tokens = line.split("#", 1)[0].split()
+            if tokens:
+                rows.append([_parse_id(t, path, line_no) for t in tokens])
+    widths = {len(r) for r in rows}
+    if len(widths) > 1:
+        raise ValueError(f"{path}: lines hold different numbers of ids {sorted(widths)}")
+    arr = np.asarray(rows, dtype=np.int64).reshape(len(rows), -1) if rows else np.zeros((0, 1), np.int64)
+    if arr.size and (arr.max() > np.iinfo(np.int32).max or arr.min() < 0):
+        raise ValueError(f"{path}: an id does not fit IRN's int32 ids")
+    arr = arr.astype(np.int32)
+    return arr[:, 0] if arr.shape[1] == 1 else arr
+
+
+def _make_loader(orig: Any, module: ModuleType) -> Any:
+    return load_img_name_list
+
+
+def _make_decode(orig: Any, module: ModuleType) -> Any:
+    def decode_int_filename(int_filename: Any) -> str:
+        if isinstance(int_filename, str) and not int_filename.isdigit():
+            return int_filename
+        return orig(int_filename)
+
+    decode_int_filename.__doc__ = "IRN's decode_int_filename; an id that is already a string is returned as is."
+    return decode_int_filename
+
+
+# --------------------------------------------------------------------------- numpy aliases
+
+
+def numpy_with_aliases() -> ModuleType:
+    """A module that is numpy plus its removed aliases (``np.int`` ...), for one host module."""
+    alias = ModuleType("numpy", np.__doc__)
+    alias.__dict__.update(np.__dict__)
+    for name, value in _NUMPY_ALIASES.items():
+        if name not in np.__dict__:
+            setattr(alias, name, value)
+    alias.__lpcam_numpy_aliases__ = True  # type: ignore[attr-defined]
+    return alias
+
+
+def _numpy_aliases_during_exec(module: ModuleType) -> _hooks.Undo:
+    added = [name for name in _NUMPY_ALIASES if name not in vars(np)]
+    for name in added:
+        setattr(np, name, _NUMPY_ALIASES[name])
+
+    def undo() -> None:
+        for name in added:
+            if getattr(np, name, None) is _NUMPY_ALIASES[name]:
+                delattr(np, name)
+
+    return undo
+
+
+def _make_numpy_alias(orig: Any, module: ModuleType) -> Any:
+    if orig is not np:  # the module names something else "np": leave it
+        return orig
+    return numpy_with_aliases()
+
+
+# --------------------------------------------------------------------------- ImageNet download
+
+_skip_depth = 0
+_skip_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def checkpoint_follows() -> Iterator[None]:
+    """Inside the block, host networks skip their ImageNet download (weights are loaded next)."""
+    global _skip_depth
+    with _skip_lock:
+        _skip_depth += 1
+    try:
+        yield
+    finally:
+        with _skip_lock:
+            _skip_depth -= 1
+
+
+def skip_pretrained() -> bool:
+    """Whether host ``resnet50(pretrained=True)`` calls skip the download right now."""
+    flag = os.environ.get(ENV_NO_PRETRAINED, "").strip().lower()
+    return _skip_depth > 0 or flag in ("1", "true", "yes", "on")
+
+
+def _make_resnet50(orig: Any, module: ModuleType) -> Any:
+    def resnet50(pretrained: bool = True, **kwargs: Any) -> Any:
+        if pretrained and skip_pretrained():
+            logger.debug("net.resnet50: ImageNet weights not downloaded (a checkpoint is loaded next)")
+            pretrained = False
+        return orig(pretrained=pretrained, **kwargs)
+
+    resnet50.__doc__ = orig.__doc__
+    return resnet50
+
+
+# --------------------------------------------------------------------------- torch.load
+
+
+def torch_with_cpu_load() -> ModuleType:
+    """A module that is torch except that ``load`` defaults to ``map_location="cpu"``."""
+    import torch
+
+    proxy = ModuleType("torch", torch.__doc__)
+    proxy.__dict__.update(torch.__dict__)
+    real_load = torch.load
+
+    def load(f: Any, map_location: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if map_location is None:
+            map_location = "cpu"
+        return real_load(f, map_location, *args, **kwargs)
+
+    load.__doc__ = real_load.__doc__
+    proxy.load = load  # type: ignore[attr-defined]
+    proxy.__lpcam_cpu_load__ = True  # type: ignore[attr-defined]
+    return proxy
+
+
+def _make_torch_proxy(orig: Any, module: ModuleType) -> Any:
+    import torch
+
+    return torch_with_cpu_load() if orig is torch else orig
+
+
+# --------------------------------------------------------------------------- untyped arguments
+
+# run_sample.py flags declared without `type=`: a value given on the command line is a string.
+_NUMERIC_ARGS: dict[str, type] = {
+    "sem_seg_bg_thres": float,
+    "ins_seg_bg_thres": float,
+    "beta": float,
+    "exp_times": int,
+}
+
+
+def coerce_args(args: Any) -> Any:
+    """Turn run_sample.py's untyped numeric flags given as strings into numbers (in place).
+
+    IRN declares ``--sem_seg_bg_thres``, ``--ins_seg_bg_thres``, ``--beta``, ``--exp_times``
+    and ``--cam_scales`` without a type, so e.g. LPCAM's ``--sem_seg_bg_thres 0.35`` reaches
+    the step as the string ``"0.35"``. ``cam_scales`` accepts ``"1.0,0.5"`` or ``"(1.0, 0.5)"``.
+    """
+    import re
+
+    for name, kind in _NUMERIC_ARGS.items():
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            try:
+                setattr(args, name, kind(float(value)) if kind is int else kind(value))
+            except ValueError:
+                raise ValueError(f"--{name}={value!r}: expected a number") from None
+    scales = getattr(args, "cam_scales", None)
+    if isinstance(scales, str):
+        parsed = tuple(float(v) for v in re.findall(r"[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?", scales))
+        if not parsed:
+            raise ValueError(f"--cam_scales={scales!r}: expected numbers like 1.0,0.5,1.5,2.0")
+        args.cam_scales = parsed
+    return args
+
+
+def _make_coercing_run(orig: Any, module: ModuleType) -> Any:
+    def run(args: Any) -> Any:
+        return orig(coerce_args(args))
+
+    run.__doc__ = orig.__doc__
+    return run
+
+
+# --------------------------------------------------------------------------- chainercv stand-in
+
+
+class VOCSemanticSegmentationDataset:
+    """Stand-in for ``chainercv.datasets.VOCSemanticSegmentationDataset`` (numpy only).
+
+    Reads ``<data_dir>/ImageSets/Segmentation/<split>.txt``, ``JPEGImages/<id>.jpg`` and
+    ``SegmentationClass/<id>.png``. Examples are ``(img, label)``: img float32 [3, H, W] RGB,
+    label int32 [H, W] with 255 turned into -1, as chainercv returns them.
+
+    Args:
+        data_dir: VOC2012 root (chainercv's ``"auto"`` download is not supported).
+        split: Name of the id list (``train``, ``val``, ``trainval`` ...).
+    """
+
+    keys = ("img", "label")
+
+    def __init__(self, data_dir: str = "auto", split: str = "train") -> None:
+        if data_dir == "auto":
+            raise ValueError("lpcam's chainercv stand-in cannot download VOC: pass data_dir=<VOC2012 root>")
+        id_list = os.path.join(data_dir, "ImageSets", "Segmentation", f"{split}.txt")
+        if not os.path.isfile(id_list):
+            raise FileNotFoundError(f"VOCSemanticSegmentationDataset: split list not found: {id_list}")
+        with open(id_list, encoding="utf-8") as handle:
+            self.ids = [line.strip() for line in handle if line.strip()]
+        self.data_dir = data_dir
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _image(self, i: int) -> np.ndarray:
+        from PIL import Image
+
+        with Image.open(os.path.join(self.data_dir, "JPEGImages", self.ids[i] + ".jpg")) as im:
+            img = np.asarray(im.convert("RGB"), dtype=np.float32)
+        return img.transpose(2, 0, 1)
+
+    def _label(self, i: int) -> np.ndarray:
+        from lpcam_core.io import load_label_png
+
+        label = load_label_png(os.path.join(self.data_dir, "SegmentationClass", self.ids[i] + ".png"))
+        label = label.astype(np.int32)
+        label[label == 255] = -1
+        return label
+
+    def get_example_by_keys(self, i: int, key_indices: Iterable[int]) -> tuple[np.ndarray, ...]:
+        """Example ``i`` restricted to ``key_indices`` (0: img, 1: label), as a tuple."""
+        if not 0 <= i < len(self.ids):
+            raise IndexError(f"index {i} out of range for {len(self.ids)} examples")
+        getters = (self._image, self._label)
+        out = []
+        for k in key_indices:
+            if k not in (0, 1):
+                raise IndexError(f"key index {k} out of range: keys are {self.keys}")
+            out.append(getters[k](i))
+        return tuple(out)
+
+    def get_example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        img, label = self.get_example_by_keys(i, (0, 1))
+        return img, label
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.get_example(i)
+
+
+def calc_semantic_segmentation_confusion(pred_labels: Iterable[Any], gt_labels: Iterable[Any]) -> np.ndarray:
+    """Stand-in for chainercv's function: (n, n) int64, rows gt, columns pred, gt < 0 ignored."""
+    from lpcam_core.metrics import confusion_matrix
+
+    return confusion_matrix(pred_labels, gt_labels, ignore_index=None)
+
+
+def calc_semantic_segmentation_iou(confusion: np.ndarray) -> np.ndarray:
+    """Stand-in for chainercv's function: per-class IoU from a confusion matrix."""
+    confusion = np.asarray(confusion)
+    denominator = confusion.sum(axis=1) + confusion.sum(axis=0) - np.diag(confusion)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.diag(confusion) / denominator
+
+
+def eval_semantic_segmentation(pred_labels: Iterable[Any], gt_labels: Iterable[Any]) -> dict[str, Any]:
+    """Stand-in for chainercv's function (iou, miou, pixel_accuracy, class_accuracy, ...)."""
+    confusion = calc_semantic_segmentation_confusion(pred_labels, gt_labels)
+    iou = calc_semantic_segmentation_iou(confusion)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        class_accuracy = np.diag(confusion) / np.sum(confusion, axis=1)
+    return {
+        "iou": iou,
+        "miou": np.nanmean(iou),
+        "pixel_accuracy": np.diag(confusion).sum() / confusion.sum(),
+        "class_accuracy": class_accuracy,
+        "mean_class_accuracy": np.nanmean(class_accuracy),
+    }
+
+
+def _missing(package: str, name: str, hint: str) -> Any:
+    def missing(*args: Any, **kwargs: Any) -> Any:
+        raise ImportError(f"{package}.{name} is not available: {hint}")
+
+    missing.__name__ = name
+    return missing
+
+
+def _module_getattr(package: str, hint: str) -> Any:
+    def __getattr__(name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _missing(package, name, hint)
+
+    return __getattr__
+
+
+_CHAINERCV_HINT = "lpcam's chainercv stand-in only covers semantic segmentation; install chainercv for the rest"
+
+
+def _chainercv_package(module: ModuleType) -> None:
+    module.__version__ = "0.0+lpcam-stand-in"  # type: ignore[attr-defined]
+    module.__getattr__ = _module_getattr("chainercv", _CHAINERCV_HINT)  # type: ignore[attr-defined]
+    for sub in ("datasets", "evaluations"):
+        setattr(module, sub, importlib.import_module(f"chainercv.{sub}"))
+
+
+def _chainercv_datasets(module: ModuleType) -> None:
+    module.VOCSemanticSegmentationDataset = VOCSemanticSegmentationDataset  # type: ignore[attr-defined]
+    module.__getattr__ = _module_getattr("chainercv.datasets", _CHAINERCV_HINT)  # type: ignore[attr-defined]
+
+
+def _chainercv_evaluations(module: ModuleType) -> None:
+    module.calc_semantic_segmentation_confusion = calc_semantic_segmentation_confusion  # type: ignore[attr-defined]
+    module.calc_semantic_segmentation_iou = calc_semantic_segmentation_iou  # type: ignore[attr-defined]
+    module.eval_semantic_segmentation = eval_semantic_segmentation  # type: ignore[attr-defined]
+    module.__getattr__ = _module_getattr("chainercv.evaluations", _CHAINERCV_HINT)  # type: ignore[attr-defined]
+
+
+_CRF_HINT = "pydensecrf is not installed: `pip install pydensecrf2` (it installs the pydensecrf module)"
+
+
+def _pydensecrf_package(module: ModuleType) -> None:
+    module.__getattr__ = _module_getattr("pydensecrf", _CRF_HINT)  # type: ignore[attr-defined]
+    for sub in ("densecrf", "utils"):
+        setattr(module, sub, importlib.import_module(f"pydensecrf.{sub}"))
+
+
+def _pydensecrf_sub(name: str) -> Any:
+    def fill(module: ModuleType) -> None:
+        module.__getattr__ = _module_getattr(f"pydensecrf.{name}", _CRF_HINT)  # type: ignore[attr-defined]
+
+    return fill
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def register_irn_family() -> None:
+    """Register every modern-stack shim for the IRN-family hosts (idempotent)."""
+    with _register_lock:
+        _hooks.replace_attribute(
+            "voc12.dataloader",
+            "load_img_name_list",
+            _make_loader,
+            description="parse ids like 2007_000032 with int() (np.loadtxt rejects them on numpy >= 1.23)",
+        )
+        _hooks.replace_attribute(
+            "voc12.dataloader",
+            "decode_int_filename",
+            _make_decode,
+            description="accept ids that are already strings",
+        )
+        for name in _ALIAS_MODULES:
+            _hooks.register_patch(
+                name,
+                "np_aliases_at_import",
+                _numpy_aliases_during_exec,
+                before_exec=True,
+                description="numpy's removed aliases (np.bool ...) exist while the module's code runs",
+            )
+            _hooks.replace_attribute(
+                name,
+                "np",
+                _make_numpy_alias,
+                description="module-local numpy with the removed aliases np.int, np.float, np.str ...",
+            )
+        _hooks.replace_attribute(
+            "net.resnet50",
+            "resnet50",
+            _make_resnet50,
+            description=f"no ImageNet download when a checkpoint is loaded next (always with {ENV_NO_PRETRAINED}=1)",
+        )
+        for name in _TORCH_LOAD_MODULES:
+            _hooks.replace_attribute(
+                name,
+                "torch",
+                _make_torch_proxy,
+                description='torch.load defaults to map_location="cpu"',
+            )
+        for name in ("step.make_sem_seg_labels", "step.make_ins_seg_labels"):
+            _hooks.replace_attribute(
+                name,
+                "run",
+                _make_coercing_run,
+                description="numeric flags declared without type= (--sem_seg_bg_thres 0.35 ...) become numbers",
+            )
+        _hooks.register_fallback(
+            "chainercv",
+            _chainercv_package,
+            is_package=True,
+            description="numpy stand-in: VOCSemanticSegmentationDataset, calc_semantic_segmentation_confusion",
+        )
+        _hooks.register_fallback("chainercv.datasets", _chainercv_datasets, description="VOCSemanticSegmentationDataset stand-in")
+        _hooks.register_fallback(
+            "chainercv.evaluations", _chainercv_evaluations, description="calc_semantic_segmentation_confusion stand-in"
+        )
+        _hooks.register_fallback(
+            "pydensecrf", _pydensecrf_package, is_package=True,
+            description="import-only stand-in: the CRF raises a clear error (pip install pydensecrf2)",
+        )
+        _hooks.register_fallback("pydensecrf.densecrf", _pydensecrf_sub("densecrf"), description="CRF stand-in")
+        _hooks.register_fallback("pydensecrf.utils", _pydensecrf_sub("utils"), description="CRF stand-in")
