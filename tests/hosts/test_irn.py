@@ -1,0 +1,178 @@
+"""IRN (jiwoon-ahn/irn @ a2ece00) with `import lpcam_adapters.irn`, run for real on CPU.
+
+Run: ``LPCAM_HOSTS=/work/main/.hosts pytest -m hosts tests/hosts/test_irn.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+pytestmark = [
+    pytest.mark.hosts,
+    pytest.mark.skipif(not os.environ.get("LPCAM_HOSTS"), reason="LPCAM_HOSTS is not set: host integration tests "
+                       "need the host clones (LPCAM_HOSTS=/path/to/.hosts pytest -m hosts tests/hosts)"),
+]
+
+OTHER_PASSES_OFF = [  # IRN tests its pass flags with `is True`: any value given turns a pass off
+    "--train_cam_pass", "0", "--train_irn_pass", "0", "--make_ins_seg_pass", "0",
+    "--eval_ins_seg_pass", "0", "--make_sem_seg_pass", "0", "--eval_sem_seg_pass", "0",
+]
+
+RANDOM_WEIGHTS = """
+import json, os, torch
+import lpcam_adapters.irn
+from lpcam_adapters import _compat
+import net.resnet50_cam
+torch.manual_seed(0)
+with _compat.checkpoint_follows():
+    model = net.resnet50_cam.CAM()
+os.makedirs("sess", exist_ok=True)
+torch.save(model.state_dict(), "sess/res50_cam.pth")
+print(json.dumps({"ok": True}))
+"""
+
+# IRN's own _work of make_cam, run in-process on CPU: a test-only shim makes .cuda() a no-op.
+HOST_REFERENCE = """
+import argparse, contextlib, json
+import torch
+from lpcam_adapters import _compat
+_compat.register_irn_family()  # modern stack only: the host's make_cam itself is not swapped
+torch.Tensor.cuda = lambda self, *a, **k: self
+torch.nn.Module.cuda = lambda self, *a, **k: self
+torch.cuda.device = lambda *a, **k: contextlib.nullcontext()
+torch.cuda.device_count = lambda: 1
+import net.resnet50_cam, step.make_cam, voc12.dataloader
+with _compat.checkpoint_follows():
+    model = net.resnet50_cam.CAM()
+model.load_state_dict(torch.load("sess/res50_cam.pth"), strict=True)
+model.eval()
+dataset = voc12.dataloader.VOC12ClassificationDatasetMSF("voc12/train_aug.txt", voc12_root={root!r}, scales=(1.0, 0.5, 1.5, 2.0))
+import os
+os.makedirs("result/cam_host", exist_ok=True)
+step.make_cam._work(0, model, [dataset], argparse.Namespace(num_workers=0, cam_out_dir="result/cam_host"))
+print()
+print(json.dumps({{"written": len(os.listdir("result/cam_host"))}}))
+"""
+
+
+@pytest.fixture(scope="module")
+def irn(tmp_path_factory, synthetic_voc, pycache, hostkit):
+    host = hostkit.host_dir("irn")
+    before = hostkit.git_status(host)
+    work = hostkit.make_workdir(host, "irn", tmp_path_factory.mktemp("irn") / "work", synthetic_voc, pycache)
+    (work / "voc12" / "small.txt").write_text("\n".join(synthetic_voc["train"][:3]) + "\n")
+    env = hostkit.host_env(pycache)
+    hostkit.run_python(RANDOM_WEIGHTS, work, env)
+    return {"host": host, "work": work, "env": env, "root": synthetic_voc["root"], "ids": synthetic_voc["train"],
+            "before": before, "kit": hostkit}
+
+
+def run_sample(irn, *flags, **env):
+    cmd = [sys.executable, "run_sample.py", "--voc12_root", str(irn["root"]), "--cam_weights_name", "sess/res50_cam",
+           *OTHER_PASSES_OFF, *flags]
+    return irn["kit"].run(cmd, irn["work"], {**irn["env"], **env}).stdout
+
+
+@pytest.fixture(scope="module")
+def host_maps(irn):
+    """IRN's own make_cam maps (its _work, CPU shim) in result/cam_host."""
+    out = irn["kit"].run_python(HOST_REFERENCE.format(root=str(irn["root"])), irn["work"], irn["env"])
+    assert out["written"] == irn["kit"].NUM_TRAIN
+    return irn["work"] / "result" / "cam_host"
+
+
+def test_lpcam_off_reproduces_irn_maps_bit_for_bit(irn, host_maps):
+    stdout = run_sample(irn, "--cam_out_dir", "result/cam_off", "--cam_to_ir_label_pass", "0", LPCAM="0")
+    assert "LPCAM=0" in stdout and "'miou'" in stdout  # IRN's eval_cam read every file
+    irn["kit"].compare_dirs(irn["work"] / "result" / "cam_off", host_maps, irn["ids"])
+
+
+def test_lpcam_in_process_feeds_eval_cam_and_cam_to_ir_label(irn, host_maps):
+    stdout = run_sample(
+        irn, "--cam_out_dir", "result/cam", "--ir_label_out_dir", "result/ir_label",
+        "--cam_eval_thres", "0.3", "--conf_fg_thres", "0.45", "--conf_bg_thres", "0.25",
+    )
+    work = irn["work"]
+    assert "LPCAM swap in irn" in stdout and "--cam_eval_thres 0.3" in stdout
+    assert "'miou'" in stdout, stdout[-2000:]
+    # The baseline went to its own directory and is IRN's own map, bit for bit.
+    irn["kit"].compare_dirs(work / "result" / "cam_baseline", host_maps, irn["ids"])
+    assert (work / "result" / "lpcam_bank.pt").is_file()
+    report = irn["kit"].check_lpcam_maps(work, irn["env"], adapter="irn", weights="sess/res50_cam.pth",
+                              bank="result/lpcam_bank.pt", out="result/cam", root=irn["root"])
+    assert report["checked"] > 0 and report["worst"] < 1e-5, report
+    # IRN's cam_to_ir_label (CRF, pydensecrf2) accepted every file.
+    for name in irn["ids"]:
+        label = np.asarray(Image.open(work / "result" / "ir_label" / f"{name}.png"))
+        assert label.shape == (32, 32) and set(np.unique(label)) <= set(range(21)) | {255}
+
+
+def test_lpcam_two_spawned_workers(irn, tmp_path):
+    work = irn["work"]
+    # Half of the baseline is there already: the spawned workers compute the other half.
+    baseline = work / "result" / "cam_spawn_baseline"
+    baseline.mkdir()
+    for name in irn["ids"][::2]:
+        shutil.copyfile(work / "result" / "cam_host" / f"{name}.npy", baseline / f"{name}.npy")
+    config = tmp_path / "lpcam.yaml"
+    config.write_text("preset: voc\nnum_clusters: 3\ncontext_low: 0.0\nadapter:\n  bank: result/bank_spawn.pt\n")
+    stdout = run_sample(
+        irn, "--cam_out_dir", "result/cam_spawn", "--eval_cam_pass", "0", "--cam_to_ir_label_pass", "0",
+        LPCAM_WORKERS="2", LPCAM_CONFIG=str(config),
+    )
+    assert stdout.count("spawning 2 workers") == 2  # baseline and LPCAM maps
+    assert f"baseline CAM: {len(irn['ids']) // 2} of {len(irn['ids'])}" in stdout
+    for name in irn["ids"][1::2]:  # IRN's maps, up to the rounding of another CPU thread count
+        a = np.load(baseline / f"{name}.npy", allow_pickle=True).item()
+        b = np.load(work / "result" / "cam_host" / f"{name}.npy", allow_pickle=True).item()
+        assert torch.equal(a["keys"], b["keys"]) and a["cam"].shape == b["cam"].shape
+        np.testing.assert_allclose(a["high_res"], b["high_res"], atol=2e-2)
+    bank = torch.load(work / "result" / "bank_spawn.pt", weights_only=True)
+    assert bank["meta"]["config"]["num_clusters"] == 3
+    assert sum(v.shape[0] for v in bank["context"].values()) > 0  # the subtraction path is exercised
+    threads = max(1, (os.cpu_count() or 1) // 2)  # what each of the 2 CPU workers uses
+    report = irn["kit"].check_lpcam_maps(work, irn["env"], adapter="irn", weights="sess/res50_cam.pth",
+                                         bank="result/bank_spawn.pt", out="result/cam_spawn", root=irn["root"],
+                                         threads=threads)
+    assert report["checked"] > 0 and report["worst"] < 1e-5, report
+
+
+def test_bank_reused_then_rebuilt_when_settings_change(irn):
+    flags = ("--train_list", "voc12/small.txt", "--cam_out_dir", "result/cam_small", "--eval_cam_pass", "0",
+             "--cam_to_ir_label_pass", "0")
+    env = {"LPCAM_BANK": "result/bank_small.pt", "LPCAM_PROTO_LIST": "voc12/small.txt"}
+    first = run_sample(irn, *flags, **env)
+    assert "saved PrototypeBank" in first and "baseline CAM: 3 of 3" in first
+    again = run_sample(irn, *flags, **env)
+    assert "reusing the prototype bank" in again and "baseline CAM:" not in again
+    changed = run_sample(irn, *flags, **env, LPCAM_K="2")
+    assert "rebuilding the prototype bank" in changed and "num_clusters" in changed
+
+
+def test_irn_checkout_untouched(irn):
+    assert irn["kit"].git_status(irn["host"]) == irn["before"]
+    assert irn["before"] == "", f"the IRN checkout was not clean before the tests:\n{irn['before']}"
+
+
+def test_cli_prototypes_then_make(irn):
+    """`lpcam irn prototypes` and `lpcam irn make` write the same kind of files as the import."""
+    work, kit = irn["work"], irn["kit"]
+    lpcam = [sys.executable, "-m", "lpcam_core.cli"]
+    common = ["--host", str(work), "--voc12-root", str(irn["root"]), "--weights", str(work / "sess" / "res50_cam.pth")]
+    env = {**irn["env"], "LPCAM_K": "2"}
+    kit.run([*lpcam, "irn", "prototypes", *common, "--list", "voc12/small.txt", "--bank", str(work / "cli" / "bank.pt")],
+            work, env)
+    assert (work / "cli" / "bank.pt").is_file() and len(list((work / "cli" / "bank_baseline").glob("*.npy"))) == 3
+    kit.run([*lpcam, "irn", "make", *common, "--list", "voc12/small.txt", "--bank", str(work / "cli" / "bank.pt"),
+             "--out", str(work / "cli" / "cam")], work, env)
+    report = kit.check_lpcam_maps(work, irn["env"], adapter="irn", weights="sess/res50_cam.pth", bank="cli/bank.pt",
+                                  out="cli/cam", root=irn["root"], image_list="voc12/small.txt")
+    assert report["checked"] > 0 and report["worst"] < 1e-5, report
