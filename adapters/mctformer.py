@@ -1,0 +1,1099 @@
+"""``import lpcam_adapters.mctformer`` at the top of MCTformer's ``main.py`` swaps PatchCAM for LPCAM.
+
+MCTformer (https://github.com/xulianuwa/MCTformer, no license: nothing of it is copied here):
+V2 (commit c5db727, ``MCTformerV2``) and MCTformer+ (HEAD, ``MCTformerPlus``). Both compute
+
+* local features: the pre-head patch tokens, reshaped by the host to [B, 384, H/16, W/16];
+* PatchCAM = ``relu(head(tokens))`` with ``head = Conv2d(384, 20, 3, padding=1)``;
+* ``'fused'`` = class-to-patch attention x PatchCAM (MCTformer+ takes its square root).
+
+The import registers, through :mod:`lpcam_adapters._hooks` (nothing of the host is imported):
+
+* ``models:forward`` (``MCTformerV2.forward`` / ``MCTformerPlus.forward``) and ``models:F``: inside
+  a swapped attention-map forward (``return_att=True``), the one ``F.relu`` the host applies to the
+  head's output returns LPCAM of the head's input tokens instead, so ``'fused'`` = attention x LPCAM,
+  ``'patchcam'`` = LPCAM and ``'mct'`` is unchanged, with the host's own arithmetic. Logits are
+  untouched. LPCAM is computed in float32 with autocast off (the engine runs under fp16 autocast).
+* ``engine:generate_attention_maps_ms``: with ``LPCAM`` on (the default) it loads the prototype bank,
+  or builds it (a first, unswapped pass of the host's own generation over the prototype list into
+  ``LPCAM_BASELINE_DIR``, then one-scale unflipped tokens streamed into
+  :class:`lpcam_core.PrototypeBuilder`), then runs the host's generation with the swap on. The
+  engine's patch-affinity refinement, flips, resizing, min-max normalisation and
+  ``{class_index: map}`` files are the host's own. ``LPCAM=0`` runs the host unchanged.
+  MCTformer V1 has no patch classifier to score prototypes with: it is refused with ``LPCAM`` on.
+* modern-stack shims: timm >= 0.6 entry points that receive (and drop) ``pretrained_cfg``,
+  ``pretrained_cfg_overlay`` and ``cache_dir``; ``PIL.Image.CUBIC`` (removed in Pillow 10) for
+  ``datasets``; MCTformer+'s hard-coded ``.cuda()`` in its patch-logit weights follows the input's
+  device (so it runs on CPU). The host's ``torch.load`` calls already pass ``map_location='cpu'``.
+
+Flip: the engine runs the image and its flip as two views; by default (``LPCAM_FLIP=view``) each
+view gets its own LPCAM and the engine flips back and sums the fused maps as it does for PatchCAM.
+``LPCAM_FLIP=feature`` reproduces the official feature-level fusion
+``f(img) + flip(f(flip(img)))`` before any similarity: the first view of a pair runs the backbone
+once more on the flipped image, the second view (recognised as the flip of the first) reuses it, so
+both views use the same fused LPCAM (+50% backbone cost).
+
+Settings: see :data:`ENV_VARS` and :class:`MCTformerSettings` (``LPCAM_CONFIG`` names a YAML file
+with :class:`lpcam_core.LPCAMConfig` keys at top level and adapter keys under ``adapter:``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import inspect
+import logging
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import _hooks
+
+__all__ = [
+    "ENV_VARS",
+    "DEFAULT_TAU",
+    "MCTformerSettings",
+    "settings_from_env",
+    "UnsupportedModelError",
+    "host_kind",
+    "score_weight",
+    "patch_tokens",
+    "lpcam_patchcam",
+    "swap",
+    "prototype_picks",
+    "build_bank",
+    "ensure_bank",
+    "generate",
+    "run_host_main",
+    "install",
+    "install_shims",
+    "explain",
+]
+
+logger = logging.getLogger(__name__)
+
+# tau for MCTformer's min-max normalised fused maps; see README "MCTformer" for how it was chosen.
+DEFAULT_TAU = 0.1
+
+ENV_VARS: dict[str, str] = {
+    "LPCAM": "1 (default) swaps PatchCAM for LPCAM in attention-map generation; 0 runs the host unchanged",
+    "LPCAM_CONFIG": "YAML file: LPCAMConfig keys (and `preset`) at top level, adapter keys under `adapter:`",
+    "LPCAM_PRESET": "voc or coco (default: from --data-set): the paper's K, mu_f, mu_b",
+    "LPCAM_K": "clusters per pool (K)",
+    "LPCAM_TAU": f"threshold on the min-max normalised baseline map splitting the pools (default {DEFAULT_TAU})",
+    "LPCAM_MU": "sets both mu_f and mu_b",
+    "LPCAM_MU_F": "class prototype threshold (mu_f)",
+    "LPCAM_MU_B": "context prototype upper threshold (mu_b)",
+    "LPCAM_SEED": "seed of K-means and pool sampling",
+    "LPCAM_MEMORY_GB": "memory budget of the feature pools, GiB",
+    "LPCAM_BANK": "prototype bank file (default <checkpoint>.lpcam_bank.pt beside --resume)",
+    "LPCAM_REBUILD_BANK": "1: rebuild the bank even when one built with this checkpoint and settings exists",
+    "LPCAM_BUILD": "auto (default): build a missing bank; never: fail instead; only: build it and stop",
+    "LPCAM_BASELINE_DIR": "baseline maps of the prototype list (default <cam-npy-dir>_baseline)",
+    "LPCAM_PROTO_LIST": "ids clustered for prototypes (default <img-list>/train_id.txt, VOC's 1,464)",
+    "LPCAM_HEAD": "sum (default): 3x3 taps summed + bias score the prototypes; centre: the centre tap + bias",
+    "LPCAM_FLIP": "view (default): LPCAM per view, the engine fuses flips; feature: official feature-level fusion",
+    "LPCAM_LOG_LEVEL": "log level of lpcam's messages in host runs (default INFO)",
+}
+
+_TRUE = {"1", "on", "true", "yes", "y", "t"}
+_FALSE = {"0", "off", "false", "no", "n", "f", ""}
+_SUPPORTED = ("MCTformerV2", "MCTformerPlus")
+
+
+class UnsupportedModelError(RuntimeError):
+    """The model has no patch classifier (MCTformer V1) or is not an MCTformer model."""
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class MCTformerSettings:
+    """Settings of the MCTformer adapter.
+
+    Attributes:
+        enabled: Swap PatchCAM for LPCAM (``LPCAM=0``: the host's own maps).
+        lpcam: The core settings (:class:`lpcam_core.LPCAMConfig`: K, tau, mu_f, mu_b, seed, budget).
+        bank_path: Prototype bank file (``None``: ``<checkpoint>.lpcam_bank.pt``).
+        rebuild_bank: Rebuild even when a bank of this checkpoint and settings exists.
+        build: ``"auto"`` build a missing bank, ``"never"`` fail, ``"only"`` build and skip generation.
+        baseline_dir: Baseline maps of the prototype list (``None``: ``<cam_npy_dir>_baseline``).
+        proto_list: Id list clustered for prototypes (``None``: ``<img_list>/train_id.txt``).
+        head: ``"sum"`` (3x3 taps summed, plus bias: exact on a constant map) or ``"centre"``.
+        flip: ``"view"`` (per view, engine fuses) or ``"feature"`` (official feature-level fusion).
+    """
+
+    enabled: bool = True
+    lpcam: Any = None
+    bank_path: str | None = None
+    rebuild_bank: bool = False
+    build: str = "auto"
+    baseline_dir: str | None = None
+    proto_list: str | None = None
+    head: str = "sum"
+    flip: str = "view"
+
+    def __post_init__(self) -> None:
+        if self.lpcam is None:
+            from lpcam_core import LPCAMConfig
+
+            object.__setattr__(self, "lpcam", LPCAMConfig.preset("voc", fg_threshold=DEFAULT_TAU))
+        head = {"center": "centre"}.get(self.head, self.head)
+        object.__setattr__(self, "head", head)
+        if head not in ("sum", "centre"):
+            raise ValueError(f"head={self.head!r}: expected 'sum' or 'centre'")
+        if self.flip not in ("view", "feature"):
+            raise ValueError(f"flip={self.flip!r}: expected 'view' or 'feature'")
+        if self.build not in ("auto", "never", "only"):
+            raise ValueError(f"build={self.build!r}: expected 'auto', 'never' or 'only'")
+
+
+_ADAPTER_KEYS = {
+    "enabled": "enabled",
+    "bank": "bank_path",
+    "bank_path": "bank_path",
+    "rebuild_bank": "rebuild_bank",
+    "build": "build",
+    "baseline_dir": "baseline_dir",
+    "proto_list": "proto_list",
+    "head": "head",
+    "flip": "flip",
+}
+
+
+def _bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"{name}={value!r}: expected 1/0, true/false, on/off")
+
+
+def _number(value: str, kind: type, name: str) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: expected {'an integer' if kind is int else 'a number'}") from None
+
+
+def settings_from_env(environ: Mapping[str, str] | None = None, *, data_set: str | None = None) -> MCTformerSettings:
+    """Fill :class:`MCTformerSettings`: preset, then the ``LPCAM_CONFIG`` YAML, then variables.
+
+    Args:
+        environ: Variables to read (default ``os.environ``); see :data:`ENV_VARS`.
+        data_set: The host's ``--data-set`` (``COCO``/``COCOMS`` select the coco preset when
+            no preset is named).
+
+    Raises:
+        ValueError: a malformed value or an unknown key, naming it.
+    """
+    import yaml
+
+    from lpcam_core import LPCAMConfig
+
+    env = dict(os.environ if environ is None else environ)
+    core: dict[str, Any] = {}
+    adapter: dict[str, Any] = {}
+    preset = env.get("LPCAM_PRESET", "").strip() or None
+    yaml_path = env.get("LPCAM_CONFIG", "").strip()
+    if yaml_path:
+        try:
+            with open(yaml_path, encoding="utf-8") as handle:
+                data = yaml.safe_load(handle) or {}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"LPCAM_CONFIG={yaml_path}: file not found") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"LPCAM_CONFIG={yaml_path}: expected a mapping of settings")
+        section = data.pop("adapter", {}) or {}
+        if not isinstance(section, dict):
+            raise ValueError(f"LPCAM_CONFIG={yaml_path}: `adapter` must be a mapping")
+        unknown = sorted(set(section) - set(_ADAPTER_KEYS))
+        if unknown:
+            raise ValueError(f"LPCAM_CONFIG={yaml_path}: unknown adapter key(s) {unknown}; known: {sorted(_ADAPTER_KEYS)}")
+        adapter.update({_ADAPTER_KEYS[k]: v for k, v in section.items()})
+        preset = preset or data.pop("preset", None)
+        data.pop("preset", None)
+        core.update(data)
+    if preset is None:
+        preset = "coco" if str(data_set or "").upper().startswith("COCO") else "voc"
+    if str(preset).lower() == "voc" and "fg_threshold" not in core:
+        core["fg_threshold"] = DEFAULT_TAU  # MCTformer's maps are min-max normalised: its own measured tau
+    cfg = LPCAMConfig.from_dict({"preset": preset, **core}, source=yaml_path or "LPCAM settings")
+    overrides: dict[str, Any] = {}
+    for var, name, kind in (
+        ("LPCAM_K", "num_clusters", int),
+        ("LPCAM_TAU", "fg_threshold", float),
+        ("LPCAM_MU", "class_threshold", float),
+        ("LPCAM_MU_F", "class_threshold", float),
+        ("LPCAM_MU_B", "context_high", float),
+        ("LPCAM_SEED", "seed", int),
+    ):
+        if env.get(var, "").strip():
+            overrides[name] = _number(env[var].strip(), kind, var)
+            if var == "LPCAM_MU" and not env.get("LPCAM_MU_B", "").strip():
+                overrides["context_high"] = overrides[name]
+    if env.get("LPCAM_MEMORY_GB", "").strip():
+        overrides["memory_budget_bytes"] = int(_number(env["LPCAM_MEMORY_GB"].strip(), float, "LPCAM_MEMORY_GB") * 1024**3)
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    for var, name in (
+        ("LPCAM_BANK", "bank_path"),
+        ("LPCAM_BASELINE_DIR", "baseline_dir"),
+        ("LPCAM_PROTO_LIST", "proto_list"),
+        ("LPCAM_BUILD", "build"),
+        ("LPCAM_HEAD", "head"),
+        ("LPCAM_FLIP", "flip"),
+    ):
+        if env.get(var, "").strip():
+            adapter[name] = env[var].strip().lower() if name in ("build", "head", "flip") else env[var].strip()
+    try:
+        probe = MCTformerSettings(**{k: v for k, v in adapter.items() if k in ("build", "head", "flip")})
+    except ValueError as err:
+        raise ValueError(f"LPCAM settings: {err} (LPCAM_BUILD / LPCAM_HEAD / LPCAM_FLIP or adapter: in LPCAM_CONFIG)") from None
+    del probe
+    for key in ("enabled", "rebuild_bank"):
+        if key in adapter:
+            adapter[key] = _bool(adapter[key], f"{yaml_path}: adapter.{key}")
+    if "LPCAM_REBUILD_BANK" in env:
+        adapter["rebuild_bank"] = _bool(env["LPCAM_REBUILD_BANK"], "LPCAM_REBUILD_BANK")
+    if "LPCAM" in env:
+        adapter["enabled"] = _bool(env["LPCAM"], "LPCAM")
+    return MCTformerSettings(lpcam=cfg, **adapter)
+
+
+def configure_logging() -> None:
+    """Show lpcam's INFO messages in a host run (MCTformer prints; it configures no logging)."""
+    if logging.getLogger().handlers:
+        return
+    level = os.environ.get("LPCAM_LOG_LEVEL", "INFO").upper()
+    for name in ("lpcam_adapters", "lpcam_core"):
+        log = logging.getLogger(name)
+        if not any(getattr(h, "_lpcam", False) for h in log.handlers):
+            handler = logging.StreamHandler(sys.stdout)
+            handler.setFormatter(logging.Formatter("[lpcam] %(message)s"))
+            handler._lpcam = True  # type: ignore[attr-defined]
+            log.addHandler(handler)
+        log.setLevel(level)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def host_kind(model: nn.Module) -> str:
+    """``"MCTformerV2"`` or ``"MCTformerPlus"`` (by class, then by shape).
+
+    Raises:
+        UnsupportedModelError: MCTformer V1 (no patch classifier) or a model without a conv head.
+    """
+    for cls in type(model).__mro__:
+        if cls.__name__ in _SUPPORTED:
+            return cls.__name__
+        if cls.__name__ == "MCTformerV1":
+            break
+    name = type(model).__name__
+    if name == "MCTformerV1" or not isinstance(getattr(model, "head", None), nn.Conv2d):
+        raise UnsupportedModelError(
+            f"{name}: LPCAM needs MCTformer's patch classifier (the Conv2d head of MCTformer V2 / MCTformer+) "
+            "to score local prototypes; MCTformer V1 has only class tokens, whose attention maps are not "
+            "scores of local features. Use an MCTformerV2 or MCTformer+ checkpoint, or set LPCAM=0 to run "
+            "the host unchanged."
+        )
+    raise UnsupportedModelError(f"{name} is not an MCTformer V2 / MCTformer+ model (expected one of {_SUPPORTED})")
+
+
+def score_weight(model: nn.Module, head: str = "sum") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The linear classifier [num_classes, C] (and bias [num_classes]) that scores prototypes.
+
+    Args:
+        model: MCTformer V2 / MCTformer+ with its ``head`` Conv2d(C, num_classes, 3, padding=1).
+        head: ``"sum"``: the 3x3 taps summed (the conv's exact response to a constant map, away from
+            the border); ``"centre"``: the centre tap only.
+
+    Returns:
+        (weight [num_classes, C] float32 CPU, bias [num_classes] float32 CPU or None).
+    """
+    from lpcam_core.extractor import equivalent_linear
+
+    conv = getattr(model, "head", None)
+    if not isinstance(conv, nn.Conv2d):
+        host_kind(model)  # raises the V1 message
+        raise UnsupportedModelError(f"{type(model).__name__}.head is not a Conv2d")
+    if head == "sum":
+        weight, bias = equivalent_linear(conv)
+    elif head in ("centre", "center"):
+        kh, kw = conv.weight.shape[2:]
+        weight, bias = conv.weight.detach()[:, :, kh // 2, kw // 2], (conv.bias.detach() if conv.bias is not None else None)
+    else:
+        raise ValueError(f"head={head!r}: expected 'sum' or 'centre'")
+    return weight.float().cpu(), (bias.float().cpu() if bias is not None else None)
+
+
+@contextlib.contextmanager
+def _capture_head_input(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Record the head's input tokens [B, C, h, w] of every forward inside the block."""
+    seen: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, inputs: tuple) -> None:
+        seen.append(inputs[0])
+
+    handle = model.head.register_forward_pre_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def patch_tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Local features: the pre-head patch tokens as the host reshapes them.
+
+    Runs the host's own (classification) forward and records the head's input.
+
+    Args:
+        model: MCTformer V2 / MCTformer+ (eval mode for inputs of any size).
+        images: [B, 3, H, W] normalised images.
+
+    Returns:
+        [B, C, H // 16, W // 16] (C = 384 for DeiT-S), signed, in the forward's dtype.
+    """
+    host_kind(model)
+    with _capture_head_input(model) as seen, _input_device(images.device):
+        model(images)
+    if len(seen) != 1:
+        raise RuntimeError(f"{type(model).__name__}.forward called its head {len(seen)} times; expected once")
+    return seen[0]
+
+
+def lpcam_patchcam(tokens: torch.Tensor, bank: Any, num_classes: int) -> torch.Tensor:
+    """LPCAM in place of PatchCAM: [B, num_classes, h, w] float32, non-negative.
+
+    Classes without prototypes in ``bank`` get zero maps (the engine multiplies absent classes by
+    zero anyway). A class without context prototypes gets its bare mean similarity from the core
+    (no subtraction, no ReLU, as released); the ReLU here keeps the map non-negative like the
+    PatchCAM it replaces (MCTformer+ takes a square root of the fused product).
+
+    Args:
+        tokens: [B, C, h, w] (any float dtype; computed in float32 with autocast off).
+        bank: :class:`lpcam_core.PrototypeBank`.
+        num_classes: the model's classes.
+    """
+    from lpcam_core import lpcam_map
+
+    b, _, h, w = tokens.shape
+    with torch.autocast(device_type=tokens.device.type, enabled=False):
+        out = torch.zeros(b, num_classes, h, w, dtype=torch.float32, device=tokens.device)
+        classes = [c for c in bank.classes if c < num_classes]
+        if classes:
+            out[:, classes] = lpcam_map(tokens.float(), bank, classes)
+        return out.clamp_min(0.0)
+
+
+# --------------------------------------------------------------------------- the swap
+
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def _input_device(device: torch.device) -> Iterator[None]:
+    previous = getattr(_local, "device", None)
+    _local.device = device
+    try:
+        yield
+    finally:
+        _local.device = previous
+
+
+class _Substitution:
+    """The one ``F.relu(head output)`` of a swapped forward, answered with LPCAM."""
+
+    def __init__(self, model: nn.Module, compute: Callable[[], torch.Tensor]) -> None:
+        self.model = model
+        self.compute = compute
+        self.shape: tuple[int, ...] | None = None  # head output shape, set by the head's forward hook
+        self.used = 0
+
+    def matches(self, tensor: Any) -> bool:
+        return isinstance(tensor, torch.Tensor) and self.shape is not None and tuple(tensor.shape) == self.shape
+
+    def take(self) -> torch.Tensor:
+        self.used += 1
+        if self.used > 1:
+            raise RuntimeError(
+                f"{type(self.model).__name__}.forward applied F.relu to its head's output twice: this "
+                "MCTformer version is not one lpcam_adapters.mctformer knows (V2 c5db727, MCTformer+)"
+            )
+        return self.compute()
+
+
+def _relu(real_relu: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    @functools.wraps(real_relu)
+    def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:  # noqa: A002 - torch's name
+        sub = getattr(_local, "substitution", None)
+        if sub is not None and sub.matches(input):
+            return sub.take()
+        return real_relu(input, inplace=inplace)
+
+    return relu
+
+
+@dataclass
+class _SwapState:
+    bank: Any
+    flip: str = "view"
+    last: tuple[torch.Tensor, torch.Tensor] | None = None  # feature mode: (flipped input, its partner's tokens)
+
+
+@contextlib.contextmanager
+def swap(model: nn.Module, bank: Any, *, flip: str = "view") -> Iterator[nn.Module]:
+    """Inside the block ``model(x, return_att=True, ...)`` uses LPCAM in place of PatchCAM.
+
+    Args:
+        model: MCTformer V2 / MCTformer+ whose class was patched by this module's import (models
+            loaded through the host's ``models`` module after ``import lpcam_adapters.mctformer``).
+        bank: :class:`lpcam_core.PrototypeBank` built with this model's head.
+        flip: ``"view"`` or ``"feature"`` (see the module docstring).
+
+    Example:
+        >>> with swap(model, bank):
+        ...     logits, fused, patch_attn = model(x, return_att=True, attention_type="fused")
+    """
+    host_kind(model)
+    if flip not in ("view", "feature"):
+        raise ValueError(f"flip={flip!r}: expected 'view' or 'feature'")
+    if not getattr(type(model).forward, "__lpcam_swappable__", False):
+        raise RuntimeError(
+            f"{type(model).__name__}.forward is not patched: import lpcam_adapters.mctformer before the host's "
+            "`models` module (first line of main.py)"
+        )
+    bank.check_fits(num_classes=model.num_classes, feature_dim=model.embed_dim)
+    previous = model.__dict__.get("_lpcam_swap")
+    model.__dict__["_lpcam_swap"] = _SwapState(bank, flip)
+    try:
+        yield model
+    finally:
+        if previous is None:
+            model.__dict__.pop("_lpcam_swap", None)
+        else:
+            model.__dict__["_lpcam_swap"] = previous
+
+
+def _flip_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Tokens [B, C, h, w] of ``x.flip(-1)``, flipped back: the partner of x's tokens in the fusion."""
+    outer = getattr(_local, "substitution", None)
+    _local.substitution = None  # the nested forward's own F.relu is the real one
+    try:
+        with _capture_head_input(model) as seen:
+            model(x.flip(-1))
+    finally:
+        _local.substitution = outer
+    return seen[-1].flip(-1)
+
+
+def _swapped_forward(model: nn.Module, state: _SwapState, original: Callable[..., Any], x: torch.Tensor,
+                     args: tuple, kwargs: dict) -> Any:
+    tokens: list[torch.Tensor] = []
+
+    def compute() -> torch.Tensor:
+        t = tokens[0]
+        if state.flip == "feature":
+            last = state.last
+            if last is not None and last[0].shape == x.shape and torch.equal(last[0], x):
+                partner = last[1]  # second view of a pair: the first view's tokens, flipped
+                state.last = None
+            else:
+                partner = _flip_tokens(model, x)
+                state.last = (x.flip(-1), t.flip(-1))
+            with torch.autocast(device_type=t.device.type, enabled=False):
+                t = t.float() + partner.float()
+        return lpcam_patchcam(t, state.bank, model.num_classes)
+
+    sub = _Substitution(model, compute)
+
+    def pre_hook(module: nn.Module, inputs: tuple) -> None:
+        tokens.append(inputs[0])
+
+    def post_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        sub.shape = tuple(output.shape)
+
+    handles = [model.head.register_forward_pre_hook(pre_hook), model.head.register_forward_hook(post_hook)]
+    previous = getattr(_local, "substitution", None)
+    _local.substitution = sub
+    try:
+        out = original(model, *args, **kwargs)
+    finally:
+        _local.substitution = previous
+        for h in handles:
+            h.remove()
+    if sub.used != 1:
+        raise RuntimeError(
+            f"{type(model).__name__}.forward(return_att=True) did not apply F.relu to its head's output once "
+            f"({sub.used} times): this MCTformer version is not one lpcam_adapters.mctformer knows"
+        )
+    return out
+
+
+def _make_forward(original: Callable[..., Any]) -> Callable[..., Any]:
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError:
+            return original(self, *args, **kwargs)
+        x = bound.arguments.get("x")
+        device = x.device if isinstance(x, torch.Tensor) else None
+        with _input_device(device):
+            state = self.__dict__.get("_lpcam_swap")
+            if state is None or not bound.arguments.get("return_att", False) or getattr(_local, "substitution", None):
+                return original(self, *args, **kwargs)
+            return _swapped_forward(self, state, original, x, args, kwargs)
+
+    forward.__lpcam_swappable__ = True  # type: ignore[attr-defined]
+    return forward
+
+
+# --------------------------------------------------------------------------- shims
+
+
+class _DeviceFollowingTensor(torch.Tensor):
+    """A tensor whose ``.cuda()`` goes to the device of the forward's input (MCTformer+ on CPU)."""
+
+    def cuda(self, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+        plain = self.as_subclass(torch.Tensor)
+        target = getattr(_local, "device", None)
+        if not args and "device" not in kwargs:
+            if target is not None and target.type != "cuda":
+                return plain.to(target)
+            if target is None and not torch.cuda.is_available():
+                return plain  # no GPU: the model can only be on the CPU
+        return plain.cuda(*args, **kwargs)
+
+
+def _torch_with_device_following_logspace() -> ModuleType:
+    proxy = ModuleType("torch", torch.__doc__)
+    proxy.__dict__.update(torch.__dict__)
+    real = torch.logspace
+
+    @functools.wraps(real)
+    def logspace(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return real(*args, **kwargs).as_subclass(_DeviceFollowingTensor)
+
+    proxy.logspace = logspace  # type: ignore[attr-defined]
+    proxy.__lpcam_proxy__ = "logspace follows the input device"  # type: ignore[attr-defined]
+    return proxy
+
+
+def _functional_with_swappable_relu() -> ModuleType:
+    import torch.nn.functional as F
+
+    proxy = ModuleType(F.__name__, F.__doc__)
+    proxy.__dict__.update(F.__dict__)
+    proxy.relu = _relu(F.relu)  # type: ignore[attr-defined]
+    proxy.__lpcam_proxy__ = "relu of the head output answers LPCAM in a swapped forward"  # type: ignore[attr-defined]
+    return proxy
+
+
+def _pil_with_cubic(pil: ModuleType) -> ModuleType:
+    import PIL.Image
+
+    if hasattr(PIL.Image, "CUBIC"):
+        return pil
+    image = ModuleType(PIL.Image.__name__, PIL.Image.__doc__)
+    image.__dict__.update(PIL.Image.__dict__)
+    image.CUBIC = PIL.Image.Resampling.BICUBIC  # type: ignore[attr-defined]
+    package = ModuleType(pil.__name__, pil.__doc__)
+    package.__dict__.update(pil.__dict__)
+    package.Image = image  # type: ignore[attr-defined]
+    package.__lpcam_proxy__ = "PIL.Image.CUBIC alias"  # type: ignore[attr-defined]
+    return package
+
+
+_DROPPED_TIMM_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def _entrypoint_without_cfg(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def entrypoint(*args: Any, **kwargs: Any) -> Any:
+        for key in _DROPPED_TIMM_KWARGS:
+            value = kwargs.pop(key, None)
+            if value is not None and key != "pretrained_cfg":
+                logger.debug("%s: ignoring %s=%r (not supported by MCTformer's entry point)", fn.__name__, key, value)
+        return fn(*args, **kwargs)
+
+    entrypoint.__lpcam_wrapped__ = fn  # type: ignore[attr-defined]
+    return entrypoint
+
+
+def _patch_timm_entrypoints(module: ModuleType) -> _hooks.Undo | None:
+    """Wrap the module's timm-registered entry points so they drop timm >= 0.6's extra kwargs."""
+    try:
+        from timm.models import _registry as registry  # timm >= 0.9
+    except ImportError:
+        try:
+            from timm.models import registry  # type: ignore[no-redef]  # timm 0.6-0.8 (0.4.12 passes no cfg)
+        except ImportError:
+            return None
+    table = getattr(registry, "_model_entrypoints", None)
+    if not isinstance(table, dict):
+        return None
+    replaced: dict[str, Callable[..., Any]] = {}
+    for name, fn in list(table.items()):
+        if getattr(fn, "__module__", None) == module.__name__ and not hasattr(fn, "__lpcam_wrapped__"):
+            table[name] = _entrypoint_without_cfg(fn)
+            replaced[name] = fn
+    if replaced:
+        logger.debug("timm entry points of %s accept pretrained_cfg: %s", module.__name__, sorted(replaced))
+
+    def undo() -> None:
+        for name, fn in replaced.items():
+            if getattr(table.get(name), "__lpcam_wrapped__", None) is fn:
+                table[name] = fn
+
+    return undo
+
+
+def _is_mct_models(module: ModuleType) -> bool:
+    return any(isinstance(getattr(module, n, None), type) for n in (*_SUPPORTED, "MCTformerV1"))
+
+
+def _patch_models_shims(module: ModuleType) -> _hooks.Undo | None:
+    if not _is_mct_models(module):
+        return None
+    undos = [u for u in (_patch_timm_entrypoints(module),) if u is not None]
+    if isinstance(getattr(module, "MCTformerPlus", None), type) and getattr(module, "torch", None) is torch:
+        module.torch = _torch_with_device_following_logspace()
+        undos.append(lambda: setattr(module, "torch", torch))
+    if isinstance(getattr(module, "MCTformerV1", None), type):
+        logger.debug("%s defines MCTformerV1: it runs, but LPCAM refuses it (no patch classifier)", module.__name__)
+
+    def undo() -> None:
+        for u in reversed(undos):
+            u()
+
+    return undo
+
+
+def _patch_models_swap(module: ModuleType) -> _hooks.Undo | None:
+    if not _is_mct_models(module):
+        return None
+    import torch.nn.functional as F
+
+    undos: list[Callable[[], None]] = []
+    if getattr(module, "F", None) is F:
+        module.F = _functional_with_swappable_relu()
+        undos.append(lambda: setattr(module, "F", F))
+    elif not getattr(getattr(module, "F", None), "__lpcam_proxy__", None):
+        logger.warning("%s has no module-level `F` (torch.nn.functional): the LPCAM swap cannot apply", module.__name__)
+        return None
+    for name in _SUPPORTED:
+        cls = getattr(module, name, None)
+        if isinstance(cls, type) and not getattr(cls.forward, "__lpcam_swappable__", False):
+            own = "forward" in vars(cls)
+            original = cls.forward
+            cls.forward = _make_forward(original)
+            if own:
+                undos.append(lambda cls=cls, original=original: setattr(cls, "forward", original))
+            else:
+                undos.append(lambda cls=cls: delattr(cls, "forward"))
+
+    def undo() -> None:
+        for u in reversed(undos):
+            u()
+
+    return undo
+
+
+def _patch_timm_only(module: ModuleType) -> _hooks.Undo | None:
+    return _patch_timm_entrypoints(module)
+
+
+def _make_pil(original: Any, module: ModuleType) -> Any:
+    return _pil_with_cubic(original) if isinstance(original, ModuleType) else original
+
+
+def _make_generate(original: Callable[..., Any], module: ModuleType) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def generate_attention_maps_ms(data_loader: Any, model: nn.Module, device: Any, args: Any) -> Any:
+        """MCTformer's attention-map generation with LPCAM in place of PatchCAM (lpcam_adapters.mctformer)."""
+        return generate(original, data_loader, model, device, args)
+
+    return generate_attention_maps_ms
+
+
+# --------------------------------------------------------------------------- prototypes
+
+
+def _host_module(name: str, needs: str) -> ModuleType:
+    mod = sys.modules.get(name)
+    if mod is None or not hasattr(mod, needs):
+        raise RuntimeError(f"MCTformer's `{name}` module is not imported (run from the host's main.py)")
+    return mod
+
+
+def default_bank_path(args: Any) -> str:
+    """``<checkpoint without extension>.lpcam_bank.pt`` beside ``--resume`` (or ``./lpcam_bank.pt``)."""
+    resume = getattr(args, "resume", "") or ""
+    if resume and not resume.startswith(("http://", "https://")):
+        return os.path.splitext(resume)[0] + ".lpcam_bank.pt"
+    return os.path.join(getattr(args, "output_dir", "") or ".", "lpcam_bank.pt")
+
+
+def default_baseline_dir(args: Any, bank_path: str) -> str:
+    """``<cam_npy_dir>_baseline`` (or ``<bank>.baseline`` when no npy directory is set)."""
+    npy = getattr(args, "cam_npy_dir", None)
+    if npy:
+        return os.path.normpath(npy) + "_baseline"
+    return bank_path + ".baseline"
+
+
+def default_proto_list(args: Any) -> str:
+    """The first of ``<img_list>/train_id.txt``, ``<img_list>/train.txt``, ``voc12/train_id.txt``."""
+    candidates = [os.path.join(getattr(args, "img_list", "") or ".", n) for n in ("train_id.txt", "train.txt")]
+    candidates.append(os.path.join("voc12", "train_id.txt"))
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(
+        f"no prototype id list: tried {candidates}; set LPCAM_PROTO_LIST to the list of images to cluster "
+        "(VOC: the 1,464 train ids)"
+    )
+
+
+def _ids(path: str) -> list[str]:
+    from lpcam_core.io import read_id_list
+
+    ids = read_id_list(path)
+    if not ids:
+        raise ValueError(f"{path}: the prototype id list is empty")
+    return ids
+
+
+def _write_lists(folder: str, ids: Sequence[str]) -> None:
+    text = "".join(f"{i}\n" for i in ids)
+    for name in ("train_aug_id.txt", "train_id.txt", "val_id.txt"):
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+
+def _loader(dataset: Any, args: Any) -> Any:
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=1, shuffle=False, num_workers=int(getattr(args, "num_workers", 0) or 0),
+        pin_memory=bool(getattr(args, "pin_mem", False)) and torch.cuda.is_available(), drop_last=False,
+    )
+
+
+def baseline_pass(original: Callable[..., Any], model: nn.Module, device: Any, args: Any, ids: Sequence[str],
+                  out_dir: str) -> None:
+    """The host's own (unswapped) generation over ``ids`` into ``out_dir``; existing files are kept.
+
+    Uses the host's dataset (``datasets.build_dataset``) and engine with the run's scales,
+    attention type, layer index and refinement: the maps the host itself would write.
+    """
+    from lpcam_core.io import should_skip
+
+    todo = [i for i in ids if not should_skip(os.path.join(out_dir, i + ".npy"))]
+    logger.info("baseline maps of %d prototype images (%d already in %s)", len(todo), len(ids) - len(todo), out_dir)
+    if not todo:
+        return
+    datasets = _host_module("datasets", "build_dataset")
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="lpcam_mct_") as tmp:
+        _write_lists(tmp, todo)
+        b_args = copy.copy(args)
+        b_args.img_list = tmp
+        b_args.cam_npy_dir = out_dir
+        b_args.attention_dir = None
+        b_args.visualize_cls_attn = True
+        dataset, _ = datasets.build_dataset(is_train=False, gen_attn=True, args=b_args)
+        original(_loader(dataset, args), model, device, b_args)
+
+
+def _first_view(img: Any) -> torch.Tensor:
+    if isinstance(img, (list, tuple)):
+        img = img[0]
+    return img
+
+
+def prototype_picks(args: Any, ids: Sequence[str], settings: MCTformerSettings,
+                    num_classes: int) -> list[tuple[int | None, str]]:
+    """The images clustered, as ``(class or None, id)``: every id (VOC), or COCO's per-class draws.
+
+    With ``settings.lpcam.images_per_class`` (COCO preset: 100) each class draws that many of its
+    images with replacement (seeded, the release's draw); the image then feeds that class's pools
+    only. Labels come from the host's dataset (no image is read).
+    """
+    cfg = settings.lpcam
+    if cfg.images_per_class is None:
+        return [(None, i) for i in ids]
+    from lpcam_core.prototypes import sample_images_per_class
+
+    datasets = _host_module("datasets", "build_dataset")
+    with tempfile.TemporaryDirectory(prefix="lpcam_mct_") as tmp:
+        _write_lists(tmp, ids)
+        l_args = copy.copy(args)
+        l_args.img_list = tmp
+        dataset, _ = datasets.build_dataset(is_train=False, gen_attn=True, args=l_args)
+        labels = {ids[n]: torch.nonzero(torch.as_tensor(np.asarray(dataset.label_list[n])))[:, 0].tolist()
+                  for n in range(len(ids))}
+    return [(int(c), str(i)) for c, i in sample_images_per_class(labels, cfg.images_per_class, cfg.seed, num_classes)]
+
+
+def build_bank(model: nn.Module, device: Any, args: Any, picks: Sequence[tuple[int | None, str]], baseline_dir: str,
+               settings: MCTformerSettings) -> Any:
+    """Stream one-scale, unflipped patch tokens and baseline maps into a prototype bank.
+
+    Args:
+        model: MCTformer V2 / MCTformer+.
+        device: Where the model runs (the engine's ``device``).
+        args: The host's parsed arguments (dataset, lists, loader settings).
+        picks: ``(class or None, id)`` from :func:`prototype_picks`; the baseline map of ``id`` is
+            ``<baseline_dir>/<id>.npy`` ``{class_index: (H, W) min-max normalised map}``; ``None``
+            feeds every present class, a class index only that class.
+        settings: ``settings.lpcam`` drives the builder; ``settings.head`` the scoring weight.
+
+    Returns:
+        :class:`lpcam_core.PrototypeBank` (not saved).
+    """
+    from lpcam_core import PrototypeBuilder
+    from lpcam_core.io import load_mctformer_cam
+
+    datasets = _host_module("datasets", "build_dataset")
+    cfg = settings.lpcam
+    num_classes = int(model.num_classes)
+    weight, bias = score_weight(model, settings.head)
+    names = [i for _, i in picks]
+    builder = PrototypeBuilder(num_classes, cfg)
+    was_training = model.training
+    peak = 0
+    dev = torch.device(device)
+    with tempfile.TemporaryDirectory(prefix="lpcam_mct_") as tmp:
+        _write_lists(tmp, names)
+        f_args = copy.copy(args)
+        f_args.img_list = tmp
+        f_args.scales = [1.0]
+        dataset, _ = datasets.build_dataset(is_train=False, gen_attn=True, args=f_args)
+        model.eval()
+        try:
+            # the engine's own autocast (fp16 on a GPU), so the tokens are those the swap will see
+            with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=dev.type == "cuda"):
+                for n, (img, _label) in enumerate(_loader(dataset, args)):
+                    tokens = patch_tokens(model, _first_view(img).to(device))[0]
+                    maps = load_mctformer_cam(os.path.join(baseline_dir, names[n] + ".npy"))
+                    keys = sorted(maps) if picks[n][0] is None else [k for k in sorted(maps) if k == picks[n][0]]
+                    if not keys:
+                        continue
+                    cams = torch.from_numpy(np.stack([maps[k] for k in keys]).astype(np.float32))
+                    builder.add(tokens.float(), cams, keys)
+                    peak = max(peak, builder.bytes_held)
+                    if (n + 1) % 200 == 0:
+                        logger.info("prototype features: %d/%d images", n + 1, len(names))
+        finally:
+            model.train(was_training)
+    logger.info("prototype pools: peak %.1f MiB of %.1f MiB budget", peak / 2**20, cfg.memory_budget_bytes / 2**20)
+    bank = builder.build(weight.to(dev), None if bias is None else bias.to(dev), device=dev, progress=False)
+    bank.meta.update(_bank_meta(model, settings))
+    bank.meta["pool_peak_bytes"] = int(peak)
+    return bank
+
+
+def _bank_meta(model: nn.Module, settings: MCTformerSettings) -> dict[str, Any]:
+    return {"host": "mctformer", "model": host_kind(model), "head": settings.head}
+
+
+def _why_not_reusable(bank: Any, model: nn.Module, settings: MCTformerSettings) -> str | None:
+    from lpcam_core.bank import BankError
+
+    weight, bias = score_weight(model, settings.head)
+    if bank.meta.get("head", settings.head) != settings.head:
+        return f"it was scored with head={bank.meta.get('head')!r}, the run asks for {settings.head!r}"
+    try:
+        bank.check_fits(num_classes=model.num_classes, feature_dim=model.embed_dim, classifier_weight=weight, bias=bias)
+    except BankError as err:
+        return str(err)
+    wanted, have = settings.lpcam.to_dict(), dict(bank.meta.get("config") or {})
+    wanted.pop("preset_name", None)
+    have.pop("preset_name", None)
+    if have != wanted:
+        return f"its settings differ ({', '.join(sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k)))})"
+    return None
+
+
+def ensure_bank(original: Callable[..., Any], model: nn.Module, device: Any, args: Any,
+                settings: MCTformerSettings) -> Any:
+    """Load the run's prototype bank, or build and save it (baseline pass, then clustering).
+
+    Raises:
+        FileNotFoundError: no bank and ``settings.build == "never"``.
+    """
+    from lpcam_core import PrototypeBank
+    from lpcam_core.bank import BankError
+
+    path = settings.bank_path or default_bank_path(args)
+    if os.path.isfile(path) and not settings.rebuild_bank:
+        try:
+            bank = PrototypeBank.load(path)
+        except BankError as err:
+            why: str | None = str(err)
+        else:
+            why = _why_not_reusable(bank, model, settings)
+            if why is None:
+                logger.info("using the prototype bank %s (%r)", path, bank)
+                return bank
+        if settings.build == "never":
+            raise ValueError(f"prototype bank {path} does not fit this run: {why}")
+        logger.warning("rebuilding the prototype bank %s: %s", path, why)
+    elif settings.build == "never" and not settings.rebuild_bank:
+        raise FileNotFoundError(
+            f"prototype bank not found: {path} (LPCAM_BUILD=never). Build it with LPCAM_BUILD=only, or "
+            "`lpcam mctformer prototypes -- <main.py arguments>`"
+        )
+    proto_list = settings.proto_list or default_proto_list(args)
+    ids = _ids(proto_list)
+    baseline_dir = settings.baseline_dir or default_baseline_dir(args, path)
+    npy = getattr(args, "cam_npy_dir", None)
+    if npy and os.path.abspath(npy) == os.path.abspath(baseline_dir):
+        raise ValueError(f"LPCAM_BASELINE_DIR={baseline_dir} is the LPCAM output directory --cam-npy-dir: choose another")
+    picks = prototype_picks(args, ids, settings, int(model.num_classes))
+    unique = list(dict.fromkeys(i for _, i in picks))
+    logger.info("building the prototype bank %s from %d images of %s", path, len(unique), proto_list)
+    baseline_pass(original, model, device, args, unique, baseline_dir)
+    bank = build_bank(model, device, args, picks, baseline_dir, settings)
+    bank.meta.update({"proto_list": os.path.abspath(proto_list), "baseline_dir": os.path.abspath(baseline_dir)})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    bank.save(path)
+    return bank
+
+
+def generate(original: Callable[..., Any], data_loader: Any, model: nn.Module, device: Any, args: Any,
+             settings: MCTformerSettings | None = None) -> Any:
+    """The patched ``engine.generate_attention_maps_ms``: the host's generation, with LPCAM.
+
+    ``LPCAM=0``: the host's own function, untouched. Otherwise: refuse V1, load or build the bank,
+    and run the host's generation inside :func:`swap`.
+    """
+    configure_logging()
+    if settings is None:
+        settings = settings_from_env(data_set=getattr(args, "data_set", None))
+    if not settings.enabled:
+        logger.info("LPCAM=0: MCTformer's own maps")
+        return original(data_loader, model, device, args)
+    kind = host_kind(model)
+    bank = ensure_bank(original, model, device, args, settings)
+    if settings.build == "only":
+        logger.info("LPCAM_BUILD=only: prototype bank ready; attention maps not generated")
+        return None
+    logger.info("%s: LPCAM in place of PatchCAM (attention type %s, flip %s, head %s)", kind,
+                getattr(args, "attention_type", "fused"), settings.flip, settings.head)
+    with swap(model, bank, flip=settings.flip):
+        return original(data_loader, model, device, args)
+
+
+# --------------------------------------------------------------------------- running the host
+
+
+def run_host_main(host_dir: str | os.PathLike, argv: Sequence[str], environ: Mapping[str, str] | None = None) -> None:
+    """Run MCTformer's ``main.py`` in this process with the adapter installed (no edit of the host).
+
+    ``sys.path`` gets ``host_dir`` first and ``sys.argv`` is ``[main.py, *argv]``; the working
+    directory is left as it is (the host reads ``voc12/cls_labels.npy`` relative to it).
+    MCTformer runs in one process, so this reaches all of its work; with a DataLoader whose
+    workers are spawned (not forked) the host's ``main.py`` should carry the import line instead
+    (``lpcam mctformer patch``).
+
+    Args:
+        host_dir: The MCTformer checkout.
+        argv: ``main.py`` arguments.
+        environ: Variables set for the run (``LPCAM``, ``LPCAM_BANK``, ...), restored afterwards.
+    """
+    import runpy
+
+    main = os.path.join(os.fspath(host_dir), "main.py")
+    if not os.path.isfile(main):
+        raise FileNotFoundError(f"{host_dir}: no main.py (not an MCTformer checkout)")
+    install()
+    saved_argv, saved_path = list(sys.argv), list(sys.path)
+    saved_env = {k: os.environ.get(k) for k in (environ or {})}
+    os.environ.update({k: str(v) for k, v in (environ or {}).items()})
+    sys.argv = [main, *argv]
+    sys.path.insert(0, os.path.abspath(os.fspath(host_dir)))
+    try:
+        runpy.run_path(main, run_name="__main__")
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# --------------------------------------------------------------------------- registration
+
+_register_lock = threading.Lock()
+
+
+def install_shims() -> None:
+    """Register only the modern-stack shims (timm entry points, PIL.Image.CUBIC, MCTformer+ .cuda())."""
+    with _register_lock:
+        _hooks.register_patch(
+            "models", "timm_entrypoints_and_cuda", _patch_models_shims,
+            description="timm entry points drop pretrained_cfg/pretrained_cfg_overlay/cache_dir; "
+            "MCTformer+'s logspace(...).cuda() follows the input's device",
+        )
+        _hooks.register_patch(
+            "vision_transformer", "timm_entrypoints", _patch_timm_only,
+            description="timm entry points drop pretrained_cfg/pretrained_cfg_overlay/cache_dir",
+        )
+        _hooks.replace_attribute(
+            "datasets", "PIL", _make_pil, requires=("VOC12DatasetMS",),
+            description="module-local PIL with Image.CUBIC (= BICUBIC; removed in Pillow 10)",
+        )
+
+
+def install() -> None:
+    """Register every MCTformer patch (idempotent; runs at import)."""
+    install_shims()
+    with _register_lock:
+        _hooks.register_patch(
+            "models", "lpcam_swap", _patch_models_swap,
+            description="MCTformerV2/MCTformerPlus.forward(return_att=True) inside swap(): LPCAM in place of "
+            "PatchCAM (module-local F.relu of the head output)",
+        )
+        _hooks.replace_attribute(
+            "engine", "generate_attention_maps_ms", _make_generate, requires=("train_one_epoch",),
+            description="LPCAM on: load/build the prototype bank (baseline pass + clustering), then the host's "
+            "generation with the swap; LPCAM=0: unchanged; V1 refused",
+        )
+
+
+def explain() -> str:
+    """The patches this adapter registers and the settings it reads."""
+    rows = [r for m in ("models", "engine", "datasets", "vision_transformer") for r in _hooks.describe_patches(m)
+            if r.module == m and r.owner == __name__]
+    name_w = max(len(f"{r.module}:{r.name}") for r in rows)
+    status_w = max(len(r.status) for r in rows)
+    lines = [f"{'patch':<{name_w}}  {'status':<{status_w}}  what it changes"]
+    lines += [f"{r.module + ':' + r.name:<{name_w}}  {r.status:<{status_w}}  {r.description}" for r in rows]
+    lines += ["", "settings (environment variables):"]
+    width = max(len(k) for k in ENV_VARS)
+    lines += [f"  {k:<{width}}  {v}" for k, v in ENV_VARS.items()]
+    return "\n".join(lines)
+
+
+install()
