@@ -1,0 +1,909 @@
+"""The embedded demo: LPCAM against CAM on the synthetic part-based benchmark, on a CPU.
+
+Pipeline (:func:`run_pipeline`), all seeded and deterministic:
+
+1. generate the synthetic VOC-layout dataset (:mod:`lpcam_core.synthetic`, cached on disk);
+2. train a small stride-4 CNN from random init with image labels only (multi-label BCE on
+   global-average-pooled features, a bias-free 1x1 classifier, as IRN);
+3. baseline CAM of every training image, features into :class:`~lpcam_core.PrototypeBuilder`,
+   prototypes scored by the classifier (PAPER.md steps 2-4);
+4. CAM and LPCAM (with and without context prototypes) seeds of the held-out images, over
+   scales and flips (PAPER.md steps 5-6);
+5. seed mIoU / precision / recall, each method at its best background threshold and at the
+   paper's 0.3; :func:`run_demo` adds ``report.md`` and pictures.
+
+Example:
+    >>> from lpcam_core.demo import run_demo
+    >>> results = run_demo("lpcam_demo_out", seed=0)   # about two minutes on two CPU cores
+    >>> results["lpcam"]["miou"] > results["cam"]["miou"]
+    True
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .synthetic import SyntheticConfig, SyntheticSplit, class_names, load_voc, voc_palette, write_voc
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DemoSettings",
+    "CAMNet",
+    "run_demo",
+    "demo_settings",
+    "run_pipeline",
+    "train_classifier",
+    "build_bank",
+    "compute_seeds",
+    "evaluate_seeds",
+    "format_table",
+    "write_report",
+    "add_demo_arguments",
+    "main_from_args",
+    "METHODS",
+]
+
+#: Rows of the results table, in order: key -> label.
+METHODS = {"cam": "CAM", "lpcam_no_context": "LPCAM w/o context", "lpcam": "LPCAM"}
+_MEAN = 0.5
+_STD = 0.25
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Everything the demo pipeline depends on.
+
+    Attributes:
+        data: Synthetic dataset parameters (its ``seed`` is the data seed).
+        seed: Seed of the network's initialisation, batches and K-means.
+        epochs: Training epochs.
+        batch_size: Training batch size.
+        lr: Peak learning rate (AdamW, one-cycle cosine schedule).
+        weight_decay: AdamW weight decay.
+        width: Channels of the convolutional layers.
+        feature_dim: Channels of the feature layer: a 1x1 expansion (+BN+ReLU) after the
+            convolutions (0: none, the features are the last convolution's ``width``).
+        num_clusters: K (paper, VOC: 12).
+        fg_threshold: tau (paper, VOC: 0.1).
+        class_threshold: mu_f (paper: 0.9).
+        context_low: Lower bound of a context prototype's probability (VOC code: 0.05).
+        context_high: mu_b (paper, VOC: 0.9).
+        scales: Inference scales, each with its horizontal flip (paper: 1, 0.5, 1.5, 2).
+        pool_cam_scales: Scales (with flips) of the baseline CAM that splits the training
+            features into pools (the IRN family's CAM files: the inference scales).
+        eval_threshold: The paper's seed threshold (0.3), reported next to the best one.
+        thresholds: Background thresholds swept for each method's best.
+        threads: ``torch.set_num_threads`` during the run (None: leave as it is).
+        overlay_images: Validation images in the overlay picture.
+        gallery_classes: Classes in the prototype gallery.
+    """
+
+    data: SyntheticConfig = field(default_factory=SyntheticConfig)
+    seed: int = 0
+    epochs: int = 12
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    width: int = 96
+    feature_dim: int = 256
+    num_clusters: int = 12
+    fg_threshold: float = 0.1
+    class_threshold: float = 0.9
+    context_low: float = 0.05
+    context_high: float = 0.9
+    scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
+    pool_cam_scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
+    eval_threshold: float = 0.3
+    thresholds: tuple[float, ...] = tuple(round(0.05 + 0.025 * i, 3) for i in range(37))
+    threads: int | None = None
+    overlay_images: int = 6
+    gallery_classes: int = 3
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.data, SyntheticConfig):
+            raise TypeError(f"data must be a SyntheticConfig, got {type(self.data).__name__}")
+        for name in ("epochs", "batch_size", "width", "num_clusters"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("overlay_images", "gallery_classes", "feature_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("scales", "pool_cam_scales"):
+            value = getattr(self, name)
+            if not value or any(s <= 0 for s in value):
+                raise ValueError(f"{name} must be one or more positive numbers, got {value}")
+        if not self.thresholds or any(not 0 <= t <= 1 for t in self.thresholds):
+            raise ValueError(f"thresholds must be one or more values in [0, 1], got {self.thresholds}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads must be None or an int >= 1, got {self.threads!r}")
+
+    def lpcam_config(self):
+        """The :class:`~lpcam_core.LPCAMConfig` of this run (VOC preset with these overrides)."""
+        from .config import LPCAMConfig
+
+        return LPCAMConfig.preset(
+            "voc",
+            num_clusters=self.num_clusters,
+            fg_threshold=self.fg_threshold,
+            class_threshold=self.class_threshold,
+            context_low=self.context_low,
+            context_high=self.context_high,
+            scales=self.scales,
+            seed=self.seed,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary of the settings."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["data"] = self.data.to_dict()
+        out["scales"] = list(self.scales)
+        out["pool_cam_scales"] = list(self.pool_cam_scales)
+        out["thresholds"] = list(self.thresholds)
+        return out
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _make_net(num_classes: int, width: int, feature_dim: int):
+    import torch.nn as nn
+
+    class CAMNet(nn.Module):
+        """A small stride-4 CNN: ``features`` -> GAP -> bias-free 1x1 ``classifier`` (as IRN).
+
+        Receptive field 31 px (stride 4): an object of the default synthetic data (38-54 px
+        long) spans several feature cells, so head, body and legs get cells of their own.
+        """
+
+        def __init__(self) -> None:
+            super().__init__()
+
+            def block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+                return nn.Sequential(
+                    nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+                )
+
+            w = width
+            layers = [block(3, w // 4, 2), block(w // 4, w // 2, 2), block(w // 2, 2 * w // 3),
+                      block(2 * w // 3, w), block(w, w)]
+            if feature_dim:
+                layers.append(nn.Sequential(nn.Conv2d(w, feature_dim, 1, bias=False), nn.BatchNorm2d(feature_dim),
+                                            nn.ReLU(inplace=True)))
+            self.features = nn.Sequential(*layers)
+            self.classifier = nn.Conv2d(feature_dim or w, num_classes, 1, bias=False)
+
+        def forward(self, x):
+            """Image logits ``[B, num_classes]`` of normalised images ``[B, 3, H, W]``."""
+            f = self.features(x)
+            return self.classifier(f.mean(dim=(2, 3), keepdim=True)).flatten(1)
+
+    return CAMNet()
+
+
+def CAMNet(num_classes: int, width: int = 96, feature_dim: int = 256):  # noqa: N802 - factory
+    """The demo's small CNN (stride 4, non-negative features, bias-free classifier).
+
+    Args:
+        num_classes: Foreground classes.
+        width: Channels of the convolutions.
+        feature_dim: Channels of the 1x1 expansion giving the features (0: none).
+
+    Returns:
+        ``nn.Module`` with ``.features`` ([B, 3, H, W] -> [B, D, H/4, W/4], ``D = feature_dim
+        or width``) and ``.classifier`` (``Conv2d(D, num_classes, 1, bias=False)``).
+    """
+    return _make_net(num_classes, width, feature_dim)
+
+
+def _to_tensor(images: np.ndarray):
+    """uint8 ``[N, H, W, 3]`` -> normalised float32 ``[N, 3, H, W]``."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    return (x / 255.0 - _MEAN) / _STD
+
+
+def _tqdm(iterable, progress: bool, **kwargs):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=not progress, **kwargs)
+
+
+def train_classifier(model, split: SyntheticSplit, settings: DemoSettings, progress: bool = True) -> list[float]:
+    """Train ``model`` with image labels only (multi-label BCE, random horizontal flips).
+
+    Args:
+        model: A :func:`CAMNet`.
+        split: Training images ``[N, H, W, 3]`` and labels ``[N, num_classes]``.
+        settings: Epochs, batch size, learning rate, seed.
+        progress: Show a tqdm progress bar.
+
+    Returns:
+        Mean training loss of every epoch.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(settings.seed)
+    x_all = _to_tensor(split.images)
+    y_all = torch.from_numpy(split.labels)
+    n = len(split)
+    steps_per_epoch = max(1, n // settings.batch_size)
+    total = settings.epochs * steps_per_epoch
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.lr,
+    )
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, total_steps=total, pct_start=0.15)
+    model.train()
+    losses = []
+    bar = _tqdm(range(total), progress, desc="train", unit="step", leave=False)
+    it = iter(bar)
+    for _ in range(settings.epochs):
+        order = torch.randperm(n, generator=gen)
+        running = 0.0
+        for step in range(steps_per_epoch):
+            idx = order[step * settings.batch_size: (step + 1) * settings.batch_size]
+            x = x_all[idx]
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            loss = F.binary_cross_entropy_with_logits(model(x), y_all[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            value = float(loss.detach())
+            running += value
+            next(it, None)
+            bar.set_postfix(loss=f"{value:.3f}")
+        losses.append(running / steps_per_epoch)
+    bar.close()
+    model.eval()
+    return losses
+
+
+def _batches(x, labels: np.ndarray, batch: int):
+    """``(images [B, 3, H, W], multi-hot labels [B, n])`` batches for :meth:`LPCAM.fit`."""
+    import torch
+
+    for start in range(0, len(x), batch):
+        yield x[start: start + batch], torch.from_numpy(labels[start: start + batch])
+
+
+def _extractor(model, settings: DemoSettings, bank=None):
+    """The generic :class:`~lpcam_core.LPCAM` extractor on the demo network (forward hooks)."""
+    from .extractor import LPCAM
+
+    return LPCAM(model, feature_layer="features", classifier="classifier", config=settings.lpcam_config(), bank=bank)
+
+
+def build_bank(model, split: SyntheticSplit, settings: DemoSettings, progress: bool = True,
+               keep_features: int = 0):
+    """Prototypes from the training images (PAPER.md steps 2-4) with :meth:`LPCAM.fit`.
+
+    The baseline CAM that splits each image's features into class and context pools is the
+    network's multi-scale CAM (``settings.pool_cam_scales`` with flips, as the IRN family's
+    ``make_cam``); the pooled features are those of the image at scale 1, no flip.
+
+    Args:
+        model: Trained :func:`CAMNet`.
+        split: Training split.
+        settings: LPCAM hyper-parameters.
+        progress: Show tqdm progress bars.
+        keep_features: Also return the feature maps ``[keep_features, C, h, w]`` of the first
+            images (for the prototype gallery).
+
+    Returns:
+        ``(bank, kept_features)``.
+    """
+    import torch
+
+    x_all = _to_tensor(split.images)
+    with _extractor(model, settings) as lp:
+        bank = lp.fit(_batches(x_all, split.labels, 32), cam_scales=settings.pool_cam_scales, progress=progress,
+                      class_names=class_names(split.labels.shape[1]))
+        kept = [lp.features(x_all[i: i + 64]) for i in range(0, keep_features, 64)]
+    kept_t = torch.cat(kept)[:keep_features] if kept else torch.empty(0)
+    return bank, kept_t
+
+
+def compute_seeds(model, bank, split: SyntheticSplit, settings: DemoSettings,
+                  progress: bool = True) -> dict[str, list[dict]]:
+    """CAM, LPCAM without context and LPCAM seeds of ``split`` (``settings.scales`` x flips).
+
+    Features come from the :class:`~lpcam_core.LPCAM` extractor's hook, once per view; the three
+    maps are computed from the same features (``cam_multiscale`` and ``lpcam_multiscale``).
+
+    Returns:
+        ``{method: [record]}``, one IRN-style record ``{keys, cam, high_res}`` per image, in
+        the order of ``split``; ``high_res`` is ``[n, H, W]``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from .maps import cam_multiscale, lpcam_multiscale
+
+    weight = model.classifier.weight.detach()[:, :, 0, 0]
+    no_context = bank.without_context()
+    x_all = _to_tensor(split.images)
+    size = tuple(x_all.shape[2:])
+    out: dict[str, list[dict]] = {key: [] for key in METHODS}
+    missing: set[int] = set()
+    batch = 32
+    with _extractor(model, settings, bank) as lp:
+        for start in _tqdm(range(0, len(split), batch), progress, desc="seeds", leave=False):
+            x = x_all[start: start + batch]
+            per_scale = []
+            for s in settings.scales:
+                xs = x
+                if s != 1.0:
+                    hw = [max(1, round(v * s)) for v in size]
+                    xs = F.interpolate(x, size=hw, mode="bilinear", align_corners=False)
+                pair = lp.features(torch.cat([xs, xs.flip(-1)]))
+                per_scale.append(torch.stack([pair[: len(x)], pair[len(x):]], dim=1))  # [B, 2, C, h, w]
+            for j in range(len(x)):
+                keys = np.nonzero(split.labels[start + j])[0].tolist()
+                feats = [p[j] for p in per_scale]
+                # A class without prototypes gets no LPCAM map: missed, never replaced by CAM.
+                known = [k for k in keys if k in bank.foreground]
+                missing |= set(keys) - set(known)
+                out["cam"].append(cam_multiscale(feats, weight, keys, size))
+                out["lpcam"].append(lpcam_multiscale(feats, bank, known, size))
+                out["lpcam_no_context"].append(lpcam_multiscale(feats, no_context, known, size))
+    if missing:
+        logger.warning("classes %s have no prototype: their LPCAM seeds are empty", sorted(missing))
+    return out
+
+
+def evaluate_seeds(seeds: dict[str, list[dict]], masks: np.ndarray, num_classes: int,
+                   settings: DemoSettings, parts: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
+    """Seed scores of every method: at its best swept threshold and at ``eval_threshold``.
+
+    Args:
+        seeds: Output of :func:`compute_seeds`.
+        masks: Ground truth ``[N, H, W]`` (255 ignored).
+        num_classes: Foreground classes.
+        settings: Thresholds.
+        parts: Optional part maps ``[N, H, W]`` (:data:`~lpcam_core.synthetic.PART_NAMES`):
+            adds ``part_recall`` (share of each part's pixels given their class) and
+            ``background_fp`` (share of background pixels given a class) at the best threshold.
+
+    Returns:
+        ``{method: {miou, precision, recall, threshold, miou_at_eval, precision_at_eval,
+        recall_at_eval, iou, curve[, part_recall, background_fp]}}``, scores in percent.
+    """
+    from .metrics import accumulate_confusions
+
+    thresholds = sorted(set(settings.thresholds) | {settings.eval_threshold})
+    results = {}
+    for method, records in seeds.items():
+        samples = [(r["keys"], r["high_res"], m) for r, m in zip(records, masks)]
+        mats, _ = accumulate_confusions(samples, thresholds, num_classes=num_classes + 1)
+        scores = [m.scores() for m in mats]
+        best = max(range(len(thresholds)), key=lambda i: (scores[i]["miou"], -i))
+        at = thresholds.index(settings.eval_threshold)
+        results[method] = {
+            "miou": 100 * scores[best]["miou"],
+            "precision": 100 * scores[best]["mean_precision"],
+            "recall": 100 * scores[best]["mean_recall"],
+            "threshold": thresholds[best],
+            "miou_at_eval": 100 * scores[at]["miou"],
+            "precision_at_eval": 100 * scores[at]["mean_precision"],
+            "recall_at_eval": 100 * scores[at]["mean_recall"],
+            "iou": [100 * float(v) for v in scores[best]["iou"]],
+            "curve": [(t, 100 * s["miou"]) for t, s in zip(thresholds, scores)],
+        }
+        if parts is not None:
+            results[method].update(_part_scores(records, masks, parts, thresholds[best]))
+    return results
+
+
+def _part_scores(records: list[dict], masks: np.ndarray, parts: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Per-part recall and background false-positive rate (percent) of seeds at ``threshold``."""
+    from .synthetic import PART_NAMES
+
+    hit = np.zeros(len(PART_NAMES), dtype=np.int64)
+    count = np.zeros(len(PART_NAMES), dtype=np.int64)
+    for record, mask, part in zip(records, masks, parts):
+        pred = _seed_label(record, threshold)
+        valid = part != 255
+        for value in PART_NAMES:
+            where = valid & (part == value)
+            count[value] += int(where.sum())
+            if value == 0:
+                hit[value] += int((pred[where] != 0).sum())
+            else:
+                hit[value] += int((pred[where] == mask[where]).sum())
+    share = 100.0 * hit / np.maximum(count, 1)
+    return {
+        "part_recall": {PART_NAMES[v]: float(share[v]) for v in PART_NAMES if v != 0},
+        "background_fp": float(share[0]),
+    }
+
+
+def format_table(results: dict[str, dict[str, Any]], eval_threshold: float = 0.3) -> str:
+    """Markdown table shaped like the paper's Table 1 (scores in percent)."""
+    lines = [
+        f"| method | mIoU | precision | recall | best threshold | mIoU @ {eval_threshold:g} |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, label in METHODS.items():
+        if key not in results:
+            continue
+        r = results[key]
+        lines.append(
+            f"| {label} | {r['miou']:.1f} | {r['precision']:.1f} | {r['recall']:.1f} | "
+            f"{r['threshold']:.3g} | {r['miou_at_eval']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def run_pipeline(settings: DemoSettings, data_dir: str | os.PathLike, progress: bool = True,
+                 keep: bool = False) -> dict[str, Any]:
+    """Data, training, prototypes, seeds and scores.
+
+    Args:
+        settings: The run's settings.
+        data_dir: Where the synthetic dataset is written (cached: reused when it matches).
+        progress: Show tqdm progress bars.
+        keep: Also return the model, bank, data and seeds under ``"artifacts"`` (for reports).
+
+    Returns:
+        ``{"cam": {...}, "lpcam_no_context": {...}, "lpcam": {...}, "settings": {...},
+        "timings": {...}, "bank": {...}}``; each method holds ``miou``, ``precision``,
+        ``recall`` (percent, at its best threshold) and ``threshold``.
+    """
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    try:
+        return _run(settings, Path(data_dir), progress, keep)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(settings: DemoSettings, data_dir: Path, progress: bool, keep: bool) -> dict[str, Any]:
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    write_voc(settings.data, data_dir, progress=progress)
+    train = load_voc(data_dir, "train", settings.data.num_classes)
+    val = load_voc(data_dir, "val", settings.data.num_classes)
+    timings["data"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    _seed_everything(settings.seed)
+    model = CAMNet(settings.data.num_classes, settings.width, settings.feature_dim)
+    losses = train_classifier(model, train, settings, progress)
+    timings["train"] = time.perf_counter() - t0
+    logger.info("training loss per epoch: %s", ", ".join(f"{v:.3f}" for v in losses))
+
+    t0 = time.perf_counter()
+    bank, kept = build_bank(model, train, settings, progress, keep_features=200 if keep else 0)
+    timings["prototypes"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    seeds = compute_seeds(model, bank, val, settings, progress)
+    timings["seeds"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    results: dict[str, Any] = evaluate_seeds(seeds, val.masks, settings.data.num_classes, settings, val.parts)
+    timings["eval"] = time.perf_counter() - t0
+
+    results["settings"] = settings.to_dict()
+    results["timings"] = timings
+    results["train_loss"] = losses
+    results["bank"] = bank.summary()
+    if keep:
+        results["artifacts"] = {"model": model, "bank": bank, "train": train, "val": val, "seeds": seeds,
+                                "train_features": kept}
+    return results
+
+
+# ----------------------------------------------------------------------------- pictures
+
+
+def _heat(values: np.ndarray) -> np.ndarray:
+    """A jet-like colour map: values ``[H, W]`` in [0, 1] -> uint8 ``[H, W, 3]``."""
+    v = np.clip(values, 0.0, 1.0)[..., None]
+    r = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
+    return (np.concatenate([r, g, b], axis=-1) * 255).astype(np.uint8)
+
+
+def _blend(image: np.ndarray, overlay: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    return (image.astype(np.float32) * (1 - alpha) + overlay.astype(np.float32) * alpha).astype(np.uint8)
+
+
+def _label_colors(label: np.ndarray) -> np.ndarray:
+    palette = np.asarray(voc_palette(), dtype=np.uint8).reshape(256, 3)
+    return palette[label]
+
+
+def _seed_label(record: dict, threshold: float) -> np.ndarray:
+    from .metrics import cams_to_label
+
+    return cams_to_label(record["keys"], record["high_res"], threshold).astype(np.uint8)
+
+
+def _grid(rows: list[list[np.ndarray]], header: Sequence[str], zoom: int = 2, pad: int = 4) -> np.ndarray:
+    """Tile equally sized uint8 ``[H, W, 3]`` cells into one picture with a header line."""
+    from PIL import Image, ImageDraw
+
+    h, w = rows[0][0].shape[:2]
+    ch, cw = h * zoom, w * zoom
+    top = 16
+    out = np.full((top + len(rows) * (ch + pad), len(header) * (cw + pad), 3), 255, dtype=np.uint8)
+    for i, row in enumerate(rows):
+        for j, cell in enumerate(row):
+            big = np.repeat(np.repeat(cell, zoom, axis=0), zoom, axis=1)
+            y, x = top + i * (ch + pad), j * (cw + pad)
+            out[y: y + ch, x: x + cw] = big
+    img = Image.fromarray(out)
+    draw = ImageDraw.Draw(img)
+    for j, text in enumerate(header):
+        draw.text((j * (cw + pad) + 2, 2), text, fill=(0, 0, 0))
+    return np.asarray(img)
+
+
+def overlay_picture(val: SyntheticSplit, seeds: dict[str, list[dict]], results: dict[str, Any],
+                    indices: Sequence[int]) -> np.ndarray:
+    """Rows: image | ground truth | CAM | CAM seeds | LPCAM | LPCAM seeds (best thresholds).
+
+    Returns:
+        uint8 RGB picture ``[H', W', 3]``.
+    """
+    rows = []
+    for i in indices:
+        image = val.images[i]
+        row = [image, _label_colors(val.masks[i])]
+        for method in ("cam", "lpcam"):
+            record = seeds[method][i]
+            hr = record["high_res"]
+            heat = hr.max(axis=0) if hr.shape[0] else np.zeros(image.shape[:2], np.float32)
+            row.append(_blend(image, _heat(heat)))
+            row.append(_blend(image, _label_colors(_seed_label(record, results[method]["threshold"])), 0.7))
+        rows.append(row)
+    header = ["image", "ground truth", "CAM", "CAM seeds", "LPCAM", "LPCAM seeds"]
+    return _grid(rows, header)
+
+
+def _patch(image: np.ndarray, cy: int, cx: int, size: int) -> np.ndarray:
+    """``size x size`` crop of ``image`` centred on ``(cy, cx)``, white outside the image."""
+    h, w = image.shape[:2]
+    out = np.full((size, size, 3), 255, dtype=np.uint8)
+    y0, x0 = cy - size // 2, cx - size // 2
+    ys, xs = max(y0, 0), max(x0, 0)
+    ye, xe = min(y0 + size, h), min(x0 + size, w)
+    out[ys - y0: ye - y0, xs - x0: xe - x0] = image[ys:ye, xs:xe]
+    return out
+
+
+def prototype_gallery(bank, train: SyntheticSplit, features, classes: Sequence[int], per_row: int = 6,
+                      max_prototypes: int = 6, patch: int = 24) -> tuple[np.ndarray, list[dict]]:
+    """For each class, the training patches nearest to its class and context prototypes.
+
+    The paper's "head / leg / body" picture: each row is one prototype, its patches are the
+    feature cells (of the first ``len(features)`` training images) of highest cosine similarity
+    to it, at most one per image. With part maps, each row is named after the part its
+    nearest cells mostly fall on.
+
+    Args:
+        bank: The prototype bank.
+        train: Training split (images, and ``parts`` when available).
+        features: Feature maps ``[n, C, h, w]`` of the first ``n`` training images.
+        classes: Classes to show.
+        per_row: Patches per prototype.
+        max_prototypes: Most class (and, separately, context) prototypes per class.
+        patch: Patch side in pixels.
+
+    Returns:
+        ``(picture uint8 [H', W', 3], rows)`` with one dict per row: class, kind, index,
+        dominant part and its share.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from .synthetic import PART_NAMES
+
+    n, c, h, w = features.shape
+    size = train.images.shape[1:3]
+    stride_y, stride_x = size[0] / h, size[1] / w
+    unit = F.normalize(features.permute(0, 2, 3, 1).reshape(n, h * w, c).float(), dim=2)
+    cells, rows = [], []
+    for cls in classes:
+        for kind, protos in (("class", bank.foreground.get(cls)), ("context", bank.context.get(cls))):
+            if protos is None or protos.shape[0] == 0:
+                continue
+            for i, proto in enumerate(protos[:max_prototypes]):
+                sims = unit @ F.normalize(proto.float(), dim=0)  # [n, hw]
+                best, where = sims.max(dim=1)  # best cell of every image
+                order = torch.argsort(best, descending=True)[:per_row]
+                tiles, hits = [], []
+                for j in order.tolist():
+                    y, x = divmod(int(where[j]), w)
+                    cy, cx = int((y + 0.5) * stride_y), int((x + 0.5) * stride_x)
+                    tiles.append(_patch(train.images[j], cy, cx, patch))
+                    if train.parts is not None:
+                        value = int(train.parts[j, min(cy, size[0] - 1), min(cx, size[1] - 1)])
+                        on_class = int(train.masks[j, min(cy, size[0] - 1), min(cx, size[1] - 1)]) == cls + 1
+                        hits.append(PART_NAMES.get(value, "border") if (on_class or value == 0) else "other object")
+                while len(tiles) < per_row:
+                    tiles.append(np.full((patch, patch, 3), 255, np.uint8))
+                name, share = "", 0.0
+                if hits:
+                    values, counts = np.unique(hits, return_counts=True)
+                    name, share = str(values[counts.argmax()]), float(counts.max() / len(hits))
+                rows.append({"class": int(cls), "kind": kind, "index": i, "part": name, "share": share})
+                cells.append(tiles)
+    if not cells:
+        return np.full((patch, patch, 3), 255, np.uint8), rows
+    labels = [f"c{r['class']} {r['kind']} #{r['index']}: {r['part']}" for r in rows]
+    return _gallery_grid(cells, labels, zoom=2), rows
+
+
+def _gallery_grid(cells: list[list[np.ndarray]], labels: list[str], zoom: int = 2, pad: int = 2,
+                  label_width: int = 150) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    ph, pw = cells[0][0].shape[:2]
+    ch, cw = ph * zoom, pw * zoom
+    width = label_width + len(cells[0]) * (cw + pad)
+    out = np.full((len(cells) * (ch + pad), width, 3), 255, dtype=np.uint8)
+    for i, row in enumerate(cells):
+        for j, tile in enumerate(row):
+            big = np.repeat(np.repeat(tile, zoom, axis=0), zoom, axis=1)
+            y, x = i * (ch + pad), label_width + j * (cw + pad)
+            out[y: y + ch, x: x + cw] = big
+    img = Image.fromarray(out)
+    draw = ImageDraw.Draw(img)
+    for i, text in enumerate(labels):
+        draw.text((2, i * (ch + pad) + ch // 2 - 6), text, fill=(0, 0, 0))
+    return np.asarray(img)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _part_table(results: dict[str, Any]) -> str:
+    if "part_recall" not in results.get("lpcam", {}):
+        return ""
+    parts = list(results["lpcam"]["part_recall"])
+    lines = ["| method | " + " | ".join(f"{p} recall" for p in parts) + " | background marked as object |",
+             "|---" * (len(parts) + 2) + "|"]
+    for key, label in METHODS.items():
+        r = results[key]
+        cells = " | ".join(f"{r['part_recall'][p]:.1f}" for p in parts)
+        lines.append(f"| {label} | {cells} | {r['background_fp']:.1f} |")
+    return "\n".join(lines)
+
+
+def write_report(out_dir: str | os.PathLike, results: dict[str, Any], artifacts: dict[str, Any]) -> Path:
+    """Write ``report.md``, ``overlay.png``, ``prototypes.png`` and ``results.json``.
+
+    Args:
+        out_dir: Output directory (created if needed).
+        results: Output of :func:`run_pipeline` (without ``"artifacts"``).
+        artifacts: The ``"artifacts"`` of :func:`run_pipeline` (``keep=True``).
+
+    Returns:
+        Path of ``report.md``.
+    """
+    from PIL import Image
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = results["settings"]
+    val, train, seeds, bank = artifacts["val"], artifacts["train"], artifacts["seeds"], artifacts["bank"]
+
+    n_overlay = min(settings["overlay_images"], len(val))
+    pictures = []
+    if n_overlay:
+        Image.fromarray(overlay_picture(val, seeds, results, range(n_overlay))).save(out / "overlay.png")
+        pictures.append(("Held-out images", "overlay.png",
+                         "image | ground truth | CAM | CAM seeds | LPCAM | LPCAM seeds (seeds at each method's "
+                         "best threshold; white = 255 border, ignored)"))
+    gallery_rows: list[dict] = []
+    classes = [c for c in bank.classes][: settings["gallery_classes"]]
+    features = artifacts.get("train_features")
+    if classes and features is not None and len(features):
+        picture, gallery_rows = prototype_gallery(bank, train, features, classes)
+        Image.fromarray(picture).save(out / "prototypes.png")
+        pictures.append(("Prototype gallery", "prototypes.png",
+                         "one row per prototype of the first classes (class and context prototypes): the "
+                         "training patches nearest to it, named after the part most of them fall on"))
+
+    data = settings["data"]
+    lines = [
+        "# LPCAM demo: synthetic part-based benchmark",
+        "",
+        f"Seed {settings['seed']}; {data['num_images']} synthetic images of {data['image_size']}x"
+        f"{data['image_size']} px ({data['num_classes']} classes, {len(val)} held out for evaluation); "
+        f"a {settings['width']}-channel stride-4 CNN trained from scratch for {settings['epochs']} epochs "
+        "with image labels only. Seeds of the held-out images, scales "
+        f"{', '.join(f'{s:g}' for s in settings['scales'])} with flips.",
+        "",
+        "## Seeds (the paper's Table 1 shape)",
+        "",
+        "Each method at its best background threshold (swept), and mIoU at the paper's "
+        f"{settings['eval_threshold']:g}. Scores in percent (precision and recall averaged over classes).",
+        "",
+        format_table(results, settings["eval_threshold"]),
+        "",
+    ]
+    part_table = _part_table(results)
+    if part_table:
+        lines += ["Where the seeds land (at the best thresholds): share of each part's pixels labelled with "
+                  "the right class, and share of background pixels labelled as an object.", "", part_table, ""]
+    for title, name, caption in pictures:
+        lines += [f"## {title}", "", f"![{title}]({name})", "", caption, ""]
+    if gallery_rows:
+        lines += ["| class | kind | prototype | nearest patches mostly on | share |", "|---|---|---|---|---|"]
+        lines += [f"| {r['class']} | {r['kind']} | {r['index']} | {r['part']} | {100 * r['share']:.0f}% |"
+                  for r in gallery_rows]
+        lines.append("")
+    lines += ["## Prototype bank", "", "| class | class prototypes | context prototypes |", "|---|---|---|"]
+    lines += [f"| {b['class']} | {b['class_prototypes']} | {b['context_prototypes']} |" for b in results["bank"]]
+    timings = results.get("timings", {})
+    lines += ["", "## Run", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+    lines += ["", "Settings (`results.json` holds everything):", "", "```json",
+              json.dumps({k: v for k, v in settings.items() if k != "thresholds"}, indent=1), "```", ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    return report
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def demo_settings(seed: int = 0, *, quick: bool = False, **overrides: Any) -> DemoSettings:
+    """The demo's settings for ``seed``: every generator parameter at its default, ``data.seed = seed``.
+
+    Args:
+        seed: Seed of the data, the network and K-means.
+        quick: A tiny run (a few seconds, numbers meaningless) for smoke tests.
+        **overrides: :class:`DemoSettings` fields; ``data_<name>`` keys set generator parameters
+            (``data_num_classes=8``).
+
+    Returns:
+        The settings.
+    """
+    data_kwargs = {k[len("data_"):]: v for k, v in overrides.items() if k.startswith("data_")}
+    rest = {k: v for k, v in overrides.items() if not k.startswith("data_")}
+    if quick:
+        data_kwargs = {"num_images": 24, "image_size": 64, **data_kwargs}
+        rest = {"epochs": 1, "width": 16, "feature_dim": 32, "num_clusters": 3, "scales": (1.0,),
+                "pool_cam_scales": (1.0,),
+                "overlay_images": 2, "gallery_classes": 1, **rest}
+    data = SyntheticConfig(**{"seed": seed, **data_kwargs})
+    return DemoSettings(data=data, seed=seed, **rest)
+
+
+def run_demo(out_dir: str | os.PathLike = "lpcam_demo_out", seed: int = 0, *, quick: bool = False,
+             progress: bool = True, data_dir: str | os.PathLike | None = None, **overrides: Any) -> dict[str, Any]:
+    """Run the whole demo and write its report.
+
+    Args:
+        out_dir: Where ``report.md``, ``overlay.png``, ``prototypes.png``, ``results.json``
+            and the cached dataset (``data/``) go.
+        seed: Seed of everything (data, network, K-means).
+        quick: A tiny smoke-test run.
+        progress: Show tqdm progress bars.
+        data_dir: Dataset directory (default ``<out_dir>/data``).
+        **overrides: See :func:`demo_settings`.
+
+    Returns:
+        Results: ``{"cam", "lpcam_no_context", "lpcam"}`` rows (``miou``, ``precision``,
+        ``recall`` in percent at the best ``threshold``, ``miou_at_eval`` ...), ``settings``,
+        ``timings``, ``bank`` and ``report`` (the report's path).
+    """
+    settings = demo_settings(seed, quick=quick, **overrides)
+    out = Path(out_dir)
+    start = time.perf_counter()
+    results = run_pipeline(settings, data_dir if data_dir is not None else out / "data", progress, keep=True)
+    artifacts = results.pop("artifacts")
+    t0 = time.perf_counter()
+    results["timings"]["report"] = 0.0
+    report = write_report(out, results, artifacts)
+    results["timings"]["report"] = time.perf_counter() - t0
+    results["timings"]["total"] = time.perf_counter() - start
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    results["report"] = str(report)
+    logger.info("demo finished in %.1f s; report: %s\n%s", results["timings"]["total"], report, format_table(results))
+    return results
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the demo's options to ``parser`` (the ``lpcam demo`` subcommand)."""
+    parser.add_argument("--out", default="lpcam_demo_out", help="output directory (report, pictures, data cache)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the network and K-means")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's)")
+    parser.add_argument("--num-images", type=int, default=None, help="synthetic images in all (train + val)")
+    parser.add_argument("--num-classes", type=int, default=None, help="synthetic classes (2-20)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke-test run (seconds; numbers meaningless)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def _overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "epochs", None) is not None:
+        overrides["epochs"] = args.epochs
+    if getattr(args, "num_images", None) is not None:
+        overrides["data_num_images"] = args.num_images
+    if getattr(args, "num_classes", None) is not None:
+        overrides["data_num_classes"] = args.num_classes
+    if getattr(args, "threads", None) is not None:
+        overrides["threads"] = args.threads
+    return overrides
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    """Run the demo from parsed :func:`add_demo_arguments` options; prints the table. Returns 0."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    results = run_demo(args.out, seed=args.seed, quick=args.quick, progress=not args.no_progress,
+                       **_overrides_from_args(args))
+    print(format_table(results, results["settings"]["eval_threshold"]))
+    print(f"\nreport: {results['report']}  ({results['timings']['total']:.0f} s)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m lpcam_core.demo``: the same as ``lpcam demo``."""
+    parser = add_demo_arguments(argparse.ArgumentParser(prog="lpcam demo", description=__doc__.split("\n")[0]))
+    return main_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""Tests of the embedded demo (lpcam_core.demo), on tiny settings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from lpcam_core.demo import (
+    METHODS,
+    DemoSettings,
+    add_demo_arguments,
+    demo_settings,
+    format_table,
+    main_from_args,
+    run_demo,
+)
+
+TINY = {"data_num_images": 16, "data_image_size": 48, "epochs": 1, "threads": 1}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(out, seed=0, quick=True, progress=False, **TINY)
+
+
+def test_demo_writes_report_and_returns_three_rows(tiny_run):
+    out, results = tiny_run
+    for name in ("report.md", "overlay.png", "prototypes.png", "results.json"):
+        assert (out / name).is_file(), name
+    assert (out / "data" / "JPEGImages").is_dir()
+    for key in METHODS:
+        row = results[key]
+        for field in ("miou", "precision", "recall", "threshold", "miou_at_eval"):
+            assert isinstance(row[field], float), (key, field)
+        assert 0.0 <= row["miou"] <= 100.0
+    report = (out / "report.md").read_text()
+    assert "| CAM |" in report and "| LPCAM |" in report and "| LPCAM w/o context |" in report
+    saved = json.loads((out / "results.json").read_text())
+    assert set(METHODS) <= set(saved) and "settings" in saved and "timings" in saved
+
+
+def test_demo_is_deterministic(tiny_run, tmp_path):
+    _, first = tiny_run
+    second = run_demo(tmp_path, seed=0, quick=True, progress=False, **TINY)
+    for key in METHODS:
+        for field in ("miou", "precision", "recall", "threshold"):
+            assert first[key][field] == second[key][field], (key, field)
+
+
+def test_cli_wiring(tmp_path, capsys):
+    parser = add_demo_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--out", str(tmp_path), "--quick", "--no-progress", "--num-images", "16",
+                              "--threads", "1", "--epochs", "1"])
+    assert main_from_args(args) == 0
+    printed = capsys.readouterr().out
+    assert "| LPCAM |" in printed and (tmp_path / "report.md").is_file()
+
+
+def test_settings_validation():
+    with pytest.raises(ValueError, match="epochs"):
+        DemoSettings(epochs=0)
+    with pytest.raises(ValueError, match="scales"):
+        DemoSettings(scales=())
+    with pytest.raises(TypeError, match="data"):
+        DemoSettings(data={"num_images": 10})
+    with pytest.raises(ValueError, match="num_classes"):
+        demo_settings(0, data_num_classes=1)
+    settings = demo_settings(4, data_num_classes=8)
+    assert settings.data.num_classes == 8 and settings.data.seed == 4 and settings.seed == 4
+    assert settings.lpcam_config().num_clusters == 12
+
+
+def test_format_table_shape():
+    row = {"miou": 50.0, "precision": 60.0, "recall": 70.0, "threshold": 0.25, "miou_at_eval": 45.0}
+    table = format_table({key: row for key in METHODS})
+    assert table.count("\n") == 4 and "mIoU @ 0.3" in table
