@@ -4,8 +4,9 @@ PAPER.md steps 2-4. :class:`PrototypeBuilder` streams images: ``add`` moves each
 per-class pools (nothing else is kept), ``build`` runs :func:`~lpcam_core.kmeans.kmeans` on every pool and
 :func:`select_prototypes` on the centres.
 
-Memory: all pools together hold at most ``config.memory_budget_bytes`` of feature rows (plus 16 bytes of
-bookkeeping per row). While everything fits, the pools hold every feature in arrival order (the result
+Memory: all pools together hold at most ``POOL_SHARE_OF_BUDGET`` (85%) of ``config.memory_budget_bytes`` of
+feature rows (plus 16 bytes of bookkeeping per row); the rest is headroom for the transients of streaming,
+so that the process stays within the budget. While everything fits, the pools hold every feature in arrival order (the result
 equals clustering all of them). Once the budget is reached, a common cap ``L`` (water-filling over the
 pools' counts of rows offered, rounded down to a fixed grid of levels 1/16 apart, so that it changes a few
 dozen times over a stream rather than at every image, each change re-cutting every pool; at least 15/16 of
@@ -277,7 +278,15 @@ class FeaturePool:
             self._chunks.append(rows.clone())
             self._order_chunks.append(order.copy())
             return
-        self._consolidate()
+        if self._chunks or self._data is None or int(self._data.shape[0]) < self._cap:
+            # Not yet one full tensor: gather the cap rows of lowest priority among the held parts and
+            # the new rows straight into one tensor. (Consolidating first, then concatenating the kept
+            # part, held up to three copies of the pool at once: +0.2 GiB of peak RSS at a 2 GiB budget.)
+            self._chunks.append(rows)
+            self._order_chunks.append(order)
+            self._gather_lowest(self._cap)
+            self._cut = None
+            return
         assert self._data is not None and self._order is not None
         held_priority = self._priorities()
         priority = row_priorities(self.salt, order)
@@ -324,7 +333,9 @@ class FeaturePool:
         parts = ([self._data] if self._data is not None else []) + self._chunks
         _note_freed(*parts)
         orders = ([self._order] if self._order is not None else []) + self._order_chunks
-        known = self._priority if (self._priority is not None and self._data is not None) else np.empty(0, np.uint64)
+        known = np.empty(0, np.uint64)  # priorities already computed for the consolidated rows, if any
+        if self._priority is not None and self._data is not None and self._priority.shape[0] == self._data.shape[0]:
+            known = self._priority
         self._data, self._chunks, self._order_chunks = None, [], []
         order = np.concatenate(orders) if orders else np.empty(0, dtype=np.int64)
         priority = np.concatenate([known, row_priorities(self.salt, order[known.shape[0]:])])
@@ -400,15 +411,16 @@ class FeaturePool:
 
 
 # The pools hold at most this share of config.memory_budget_bytes. The rest is headroom for the
-# transients of streaming: the image being added (its features and their split) and, when the pools are
-# capped, the new tensor of a pool's kept rows while the old rows are still held. With the whole budget
-# given to the pools, the process's peak RSS exceeded the budget by ~0.2-0.5 GiB at 2 GiB
-# (benchmarks/speed.py, VOC-sized stream).
-POOL_SHARE_OF_BUDGET = 0.9
+# transients of streaming: the image being added (its features and their split) and, when a pool is cut
+# to the cap, the new tensor of its kept rows while its old rows are still resident. Measured on the
+# VOC-sized stream of benchmarks/speed.py (2 GiB budget, glibc): the whole budget for the pools gave a
+# peak RSS 0.3-0.5 GiB above the budget; 90% gave a peak ~1 MiB under it, too close; 85% leaves ~5%.
+POOL_SHARE_OF_BUDGET = 0.85
 
 _MALLOC_TRIM = None
 _FREED_BYTES = 0  # pool storage freed since the heap was last trimmed (process-wide, as the heap is)
 _TRIM_AFTER_BYTES = 8 * 1024**2
+_TRIM_EVERY_IMAGES = 8
 
 
 def _note_freed(*tensors: torch.Tensor | None) -> None:
@@ -532,7 +544,7 @@ class PrototypeBuilder:
         self._next_index = index + 1
         self._enforce_budget()
         # per-image temporaries of varying sizes fragment the heap too: trim every few images as well
-        _release_free_heap(force=self.images_seen % 8 == 0)
+        _release_free_heap(force=self.images_seen % _TRIM_EVERY_IMAGES == 0)
 
     def _check_index(self, index) -> int:
         if index is None:
@@ -600,7 +612,7 @@ class PrototypeBuilder:
 
     @property
     def budget_rows(self) -> int:
-        """How many feature rows all pools may hold together: ``POOL_SHARE_OF_BUDGET`` (90%) of the memory
+        """How many feature rows all pools may hold together: ``POOL_SHARE_OF_BUDGET`` (85%) of the memory
         budget, the rest being headroom for the transients of streaming (see that constant)."""
         if self.feature_dim is None or self.dtype is None:
             return 0

@@ -41,7 +41,7 @@ def test_multiscale_equals_reference(bank, features_factory, case, keys):
     size, grids = CASES[case]
     features = features_factory(bank, grids, seed=case)
     ref = _reference(bank, features, keys, size)
-    assert all(torch.isfinite(ref["cam"]).all() for _ in [0])  # the inputs avoid the release's 0/0
+    assert torch.isfinite(ref["cam"]).all()  # the inputs avoid the release's 0/0 and negative maxima
     _compare(lpcam_multiscale(features, bank, keys, size), ref)
 
 
