@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -10,6 +11,9 @@ from collections.abc import Sequence
 from ._version import __version__
 
 __all__ = ["main", "build_parser"]
+
+# Modules exposing register(subparsers): `lpcam irn|recam|amn ...` (the IRN family), `lpcam mctformer ...`.
+ADAPTER_CLIS = ("lpcam_adapters._cli", "lpcam_adapters._cli_mctformer")
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -117,12 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_demo_arguments(demo)
         demo.set_defaults(func=main_from_args)
 
-    try:
-        from lpcam_adapters import _cli as adapters_cli
-    except ImportError:
-        pass
-    else:
-        adapters_cli.register(sub)
+    for module in ADAPTER_CLIS:  # each host adapter adds its subcommand group
+        try:
+            adapter_cli = importlib.import_module(module)
+        except ImportError:
+            continue
+        adapter_cli.register(sub)
     return parser
 
 
