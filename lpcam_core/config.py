@@ -35,7 +35,7 @@ class LPCAMConfig:
             replacement from the images labelled with the class (``None``: every image).
         seed: seeds K-means, reservoir sampling and image sampling.
         memory_budget_bytes: prototype building stays within this much memory above the process's
-            baseline: the pools of all classes together hold at most 90% of it (the rest is headroom for
+            baseline: the pools of all classes together hold at most 85% of it (the rest is headroom for
             the image being added and for re-allocating a pool when pools are capped); once full, each
             pool keeps a seeded uniform sample of the features it was offered.
         kmeans_max_iter: iteration cap of K-means.
