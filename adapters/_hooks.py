@@ -197,6 +197,14 @@ def register_patch(
                     f"patch {module}:{name} is already registered by {existing.owner or '?'}; "
                     "pass replace=True to replace it"
                 )
+            loaded = sys.modules.get(module)
+            live = loaded is not None and name in _applied.get(loaded, {})
+            if existing.owner != owner:
+                # Two adapters patching the same host function: the later import wins.
+                (logger.warning if live else logger.info)(
+                    "patch %s:%s of %s replaced by %s's%s", module, name, existing.owner or "?", owner,
+                    " (it was already applied: the host module now runs the new one)" if live else "",
+                )
             unregister_patch(module, name)
         _patches.setdefault(module, {})[name] = patch
         install()

@@ -42,6 +42,7 @@ def install() -> None:
         "run",
         _make_run,
         requires=("_work",),
+        replace=True,  # the adapter imported last wins (the CLI imports several)
         description="LPCAM pass: baseline CAM of the prototype list, prototype bank, LPCAM maps into cam_out_dir "
         "(LPCAM=0: IRN's own maps; 0 GPU: in-process)",
     )

@@ -97,6 +97,7 @@ def install() -> None:
         "run",
         _make_cam_run,
         requires=("_work",),
+        replace=True,  # the adapter imported last wins (the CLI imports several)
         description="LPCAM pass on the plain CAM (LPCAM=0: ReCAM's own maps; 0 GPU: in-process)",
     )
     _hooks.replace_attribute(
@@ -104,6 +105,7 @@ def install() -> None:
         "run",
         _make_recam_run,
         requires=("_work",),
+        replace=True,  # the adapter imported last wins (the CLI imports several)
         description="LPCAM pass on ReCAM: baseline = ReCAM maps, prototypes scored by LPCAM_CLASSIFIER "
         "(LPCAM=0: ReCAM's own maps; 0 GPU: in-process)",
     )

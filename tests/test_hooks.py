@@ -342,3 +342,18 @@ def test_torch_spawn_worker_sees_the_patch(fake_host):
     proc = subprocess.run([sys.executable, str(main), str(out)], cwd=tmp, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert out.read_text() == f"patched in {pkg}_adapter"
+
+
+def test_replacing_another_owners_patch_is_logged(fake_host, caplog):
+    pkg, _ = fake_host
+    _hooks.register_patch(f"{pkg}.mod", "VALUE", _set_value("a"), owner="adapter_a")
+    with caplog.at_level(logging.INFO, logger="lpcam_adapters._hooks"):
+        _hooks.register_patch(f"{pkg}.mod", "VALUE", _set_value("b"), owner="adapter_b", replace=True)
+    assert "replaced by adapter_b" in caplog.text and "WARNING" not in caplog.text
+    mod = importlib.import_module(f"{pkg}.mod")
+    assert mod.VALUE == "b"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lpcam_adapters._hooks"):
+        _hooks.register_patch(f"{pkg}.mod", "VALUE", _set_value("c"), owner="adapter_c", replace=True)
+    assert "already applied" in caplog.text and any(r.levelno == logging.WARNING for r in caplog.records)
+    assert mod.VALUE == "c"

@@ -157,11 +157,6 @@ def test_bank_reused_then_rebuilt_when_settings_change(irn):
     assert "rebuilding the prototype bank" in changed and "num_clusters" in changed
 
 
-def test_irn_checkout_untouched(irn):
-    assert irn["kit"].git_status(irn["host"]) == irn["before"]
-    assert irn["before"] == "", f"the IRN checkout was not clean before the tests:\n{irn['before']}"
-
-
 def test_cli_prototypes_then_make(irn):
     """`lpcam irn prototypes` and `lpcam irn make` write the same kind of files as the import."""
     work, kit = irn["work"], irn["kit"]
@@ -176,3 +171,8 @@ def test_cli_prototypes_then_make(irn):
     report = kit.check_lpcam_maps(work, irn["env"], adapter="irn", weights="sess/res50_cam.pth", bank="cli/bank.pt",
                                   out="cli/cam", root=irn["root"], image_list="voc12/small.txt")
     assert report["checked"] > 0 and report["worst"] < 1e-5, report
+
+
+def test_irn_checkout_untouched(irn):
+    assert irn["kit"].git_status(irn["host"]) == irn["before"]
+    assert irn["before"] == "", f"the IRN checkout was not clean before the tests:\n{irn['before']}"

@@ -121,7 +121,7 @@ def test_plain_make_cam_in_spawned_workers_and_the_classifier_setting(recam):
     stdout = run_sample(recam, "--make_cam_pass", "True", "--cam_out_dir", "cam_plain", *flags, LPCAM_WORKERS="2", **small)
     assert stdout.count("spawning 2 workers") == 2
     work = recam["work"] / "ws"
-    assert (work / "lpcam_bank.pt").is_file() and len(os.listdir(work / "cam_plain_baseline")) == 3
+    assert (work / "lpcam_bank.pt").is_file() and len(list((work / "cam_plain_baseline").glob("*.npy"))) == 3
     report = recam["kit"].check_lpcam_maps(recam["work"], recam["env"], adapter="recam", weights="ws/res50_cam.pth",
                                            bank="ws/lpcam_bank.pt", out="ws/cam_plain", root=recam["root"],
                                            image_list="voc12/small.txt", threads=max(1, (os.cpu_count() or 1) // 2))
@@ -130,7 +130,7 @@ def test_plain_make_cam_in_spawned_workers_and_the_classifier_setting(recam):
     run_sample(recam, "--make_recam_pass", "True", "--cam_out_dir", "cam_cls", *flags, LPCAM_CLASSIFIER="cls",
                LPCAM_BANK="ws/bank_cls.pt", **small)
     bank = torch.load(work / "bank_cls.pt", weights_only=True)
-    assert bank["meta"]["recam_classifier"] == "cls" and len(os.listdir(work / "cam_cls")) == 3
+    assert bank["meta"]["recam_classifier"] == "cls" and len(list((work / "cam_cls").glob("*.npy"))) == 3
 
 
 def test_recam_checkout_untouched(recam):
