@@ -73,6 +73,7 @@ class DemoSettings:
         lr: Peak learning rate (AdamW, one-cycle cosine schedule).
         weight_decay: AdamW weight decay.
         width: Channels of the convolutional layers.
+        last_kernel: Kernel of the last convolution (3: receptive field 31 px, 1: 23 px).
         feature_dim: Channels of the feature layer: a 1x1 expansion (+BN+ReLU) after the
             convolutions (0: none, the features are the last convolution's ``width``).
         num_clusters: K (paper, VOC: 12).
@@ -97,6 +98,7 @@ class DemoSettings:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     width: int = 96
+    last_kernel: int = 3
     feature_dim: int = 256
     num_clusters: int = 12
     fg_threshold: float = 0.1
@@ -114,6 +116,8 @@ class DemoSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.data, SyntheticConfig):
             raise TypeError(f"data must be a SyntheticConfig, got {type(self.data).__name__}")
+        if self.last_kernel not in (1, 3):
+            raise ValueError(f"last_kernel must be 1 or 3, got {self.last_kernel!r}")
         for name in ("epochs", "batch_size", "width", "num_clusters"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -163,7 +167,7 @@ class DemoSettings:
 # ----------------------------------------------------------------------------- model
 
 
-def _make_net(num_classes: int, width: int, feature_dim: int):
+def _make_net(num_classes: int, width: int, feature_dim: int, last_kernel: int):
     import torch.nn as nn
 
     class CAMNet(nn.Module):
@@ -176,14 +180,15 @@ def _make_net(num_classes: int, width: int, feature_dim: int):
         def __init__(self) -> None:
             super().__init__()
 
-            def block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+            def block(cin: int, cout: int, stride: int = 1, kernel: int = 3) -> nn.Sequential:
                 return nn.Sequential(
-                    nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+                    nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout),
+                    nn.ReLU(inplace=True),
                 )
 
             w = width
             layers = [block(3, w // 4, 2), block(w // 4, w // 2, 2), block(w // 2, 2 * w // 3),
-                      block(2 * w // 3, w), block(w, w)]
+                      block(2 * w // 3, w), block(w, w, kernel=last_kernel)]
             if feature_dim:
                 layers.append(nn.Sequential(nn.Conv2d(w, feature_dim, 1, bias=False), nn.BatchNorm2d(feature_dim),
                                             nn.ReLU(inplace=True)))
@@ -198,19 +203,20 @@ def _make_net(num_classes: int, width: int, feature_dim: int):
     return CAMNet()
 
 
-def CAMNet(num_classes: int, width: int = 96, feature_dim: int = 256):  # noqa: N802 - factory
+def CAMNet(num_classes: int, width: int = 96, feature_dim: int = 256, last_kernel: int = 3):  # noqa: N802
     """The demo's small CNN (stride 4, non-negative features, bias-free classifier).
 
     Args:
         num_classes: Foreground classes.
         width: Channels of the convolutions.
         feature_dim: Channels of the 1x1 expansion giving the features (0: none).
+        last_kernel: Kernel of the last convolution (3 or 1).
 
     Returns:
         ``nn.Module`` with ``.features`` ([B, 3, H, W] -> [B, D, H/4, W/4], ``D = feature_dim
         or width``) and ``.classifier`` (``Conv2d(D, num_classes, 1, bias=False)``).
     """
-    return _make_net(num_classes, width, feature_dim)
+    return _make_net(num_classes, width, feature_dim, last_kernel)
 
 
 def _to_tensor(images: np.ndarray):
@@ -509,7 +515,7 @@ def _run(settings: DemoSettings, data_dir: Path, progress: bool, keep: bool) -> 
 
     t0 = time.perf_counter()
     _seed_everything(settings.seed)
-    model = CAMNet(settings.data.num_classes, settings.width, settings.feature_dim)
+    model = CAMNet(settings.data.num_classes, settings.width, settings.feature_dim, settings.last_kernel)
     losses = train_classifier(model, train, settings, progress)
     timings["train"] = time.perf_counter() - t0
     logger.info("training loss per epoch: %s", ", ".join(f"{v:.3f}" for v in losses))
