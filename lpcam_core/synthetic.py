@@ -122,7 +122,7 @@ class SyntheticConfig:
     sharing: float = 0.5
     jitter: float = 1.0
     context_correlation: float = 0.6
-    truncation: float = 0.25
+    truncation: float = 0.1
     max_distractors: int = 3
     border: int = 1
     noise: float = 3.0
