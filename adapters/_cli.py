@@ -11,6 +11,10 @@
 
 ``lpcam recam ...`` takes the same commands plus ``--recam-weight-dir``/``--recam-epochs``
 (maps of make_recam's ReCAM model, the default) or ``--plain-cam`` (make_cam's model).
+
+``prototypes`` and ``make`` also run under ``torchrun --nproc_per_node N -m lpcam_core.cli ...``:
+the image loops are sharded over the ranks (:mod:`lpcam_core.distributed`, imported only then);
+the bank and the files equal those of one process.
 """
 
 from __future__ import annotations
@@ -214,31 +218,51 @@ def _cmd_prototypes(ns: argparse.Namespace) -> int:
     bank = _abs(ns.bank)
     baseline_dir = _abs(ns.baseline_dir) or os.path.splitext(bank)[0] + "_baseline"  # type: ignore[arg-type]
     plist = _abs(ns.list) if ns.list and os.path.exists(ns.list) else ns.list
-    with _in_host(ns.host):
-        _load_host_compat(host)
-        spec, plan_fn = _plan(ns, host)
-        plan = plan_fn(args, settings)
-        loader = importlib.import_module("voc12.dataloader")
-        _irn_family.check_baseline_record(baseline_dir, {
-            "network": args.cam_network,
-            "model": _irn_family.model_fingerprint(plan.cam_model, plan.extra_weight),
-            "scales": [float(x) for x in args.cam_scales],
-        })
-        msf = loader.VOC12ClassificationDatasetMSF(plist, voc12_root=args.voc12_root, scales=args.cam_scales)
-        missing = [i for i, n in enumerate(msf.img_name_list)
-                   if not os.path.isfile(os.path.join(baseline_dir, loader.decode_int_filename(n) + ".npy"))]
-        if missing:
-            from torch.utils.data import Subset
+    ctx = _irn_family.init_torchrun(settings.workers)
+    try:
+        with _in_host(ns.host):
+            _load_host_compat(host)
+            spec, plan_fn = _plan(ns, host)
+            plan = plan_fn(args, settings)
+            loader = importlib.import_module("voc12.dataloader")
+            record = {
+                "network": args.cam_network,
+                "model": _irn_family.model_fingerprint(plan.cam_model, plan.extra_weight),
+                "scales": [float(x) for x in args.cam_scales],
+            }
+            msf = loader.VOC12ClassificationDatasetMSF(plist, voc12_root=args.voc12_root, scales=args.cam_scales)
+            single = loader.VOC12ClassificationDataset(plist, voc12_root=args.voc12_root)
+            meta = {"host": spec.name, "proto_list": ns.list, "num_proto_images": len(single), **plan.meta}
+            if ctx is None:
+                _irn_family.check_baseline_record(baseline_dir, record)
+                missing = [i for i, n in enumerate(msf.img_name_list)
+                           if not os.path.isfile(os.path.join(baseline_dir, loader.decode_int_filename(n) + ".npy"))]
+                if missing:
+                    from torch.utils.data import Subset
 
-            _irn_family.baseline_pass(plan.cam_model, Subset(msf, missing), baseline_dir, extra_weight=plan.extra_weight,
-                                      skip_existing=True, workers=_irn_family.resolve_workers(settings),
-                                      device=settings.device, num_workers=ns.loader_workers)
-        single = loader.VOC12ClassificationDataset(plist, voc12_root=args.voc12_root)
-        meta = {"host": spec.name, "proto_list": ns.list, "num_proto_images": len(single), **plan.meta}
-        result = _irn_family.build_bank(plan.feature_model, single, baseline_dir, settings, plan.score_weight,
-                                        bank_path=bank, device=settings.device, extra_meta=meta,
-                                        num_workers=ns.loader_workers)
-    logger.info("bank %s: %r", bank, result)
+                    _irn_family.baseline_pass(plan.cam_model, Subset(msf, missing), baseline_dir,
+                                              extra_weight=plan.extra_weight, skip_existing=True,
+                                              workers=_irn_family.resolve_workers(settings), device=settings.device,
+                                              num_workers=ns.loader_workers)
+                result = _irn_family.build_bank(plan.feature_model, single, baseline_dir, settings, plan.score_weight,
+                                                bank_path=bank, device=settings.device, extra_meta=meta,
+                                                num_workers=ns.loader_workers)
+            else:  # torchrun: each rank computes its shard of the missing baselines and of the features
+                device = _irn_family.rank_device(ctx, settings.device)
+                _irn_family.check_baseline_record_once(baseline_dir, record)
+                missing_ids = _irn_family.missing_files(msf, baseline_dir)
+                if missing_ids:
+                    _irn_family.sharded_baseline_pass(plan.cam_model, msf, baseline_dir, device,
+                                                      extra_weight=plan.extra_weight, ids=missing_ids,
+                                                      num_workers=ns.loader_workers)
+                result = _irn_family.build_bank_sharded(plan.feature_model, single, baseline_dir, settings,
+                                                        plan.score_weight, device, bank_path=bank, extra_meta=meta,
+                                                        num_workers=ns.loader_workers)
+    finally:
+        if ctx is not None:
+            ctx.close()
+    if ctx is None or ctx.is_main:
+        logger.info("bank %s: %r", bank, result)
     return 0
 
 
@@ -252,25 +276,43 @@ def _cmd_make(ns: argparse.Namespace) -> int:
         raise ValueError("--bank is required for LPCAM maps (build one with `lpcam %s prototypes`)" % host)
     plist = _abs(ns.list) if ns.list and os.path.exists(ns.list) else ns.list
     out = _abs(ns.out)
-    with _in_host(ns.host):
-        _load_host_compat(host)
-        spec, plan_fn = _plan(ns, host)
-        plan = plan_fn(args, settings)
-        loader = importlib.import_module("voc12.dataloader")
-        msf = loader.VOC12ClassificationDatasetMSF(plist, voc12_root=args.voc12_root, scales=args.cam_scales)
-        workers = _irn_family.resolve_workers(settings)
-        if ns.baseline:
-            _irn_family.baseline_pass(plan.cam_model, msf, out, extra_weight=plan.extra_weight, workers=workers,
-                                      device=settings.device, num_workers=ns.loader_workers)
-        else:
-            from lpcam_core import PrototypeBank
+    ctx = _irn_family.init_torchrun(settings.workers)
+    try:
+        with _in_host(ns.host):
+            _load_host_compat(host)
+            spec, plan_fn = _plan(ns, host)
+            plan = plan_fn(args, settings)
+            loader = importlib.import_module("voc12.dataloader")
+            msf = loader.VOC12ClassificationDatasetMSF(plist, voc12_root=args.voc12_root, scales=args.cam_scales)
+            if not ns.baseline:
+                from lpcam_core import PrototypeBank
 
-            PrototypeBank.load(_abs(ns.bank), classifier_weight=plan.score_weight)  # fail early on a foreign bank
-            _irn_family.lpcam_pass(plan.feature_model, msf, _abs(ns.bank), out, workers=workers,
-                                   device=settings.device, num_workers=ns.loader_workers)
-    logger.info("%s maps of %d images written to %s", "baseline" if ns.baseline else "LPCAM", len(msf), out)
-    if not ns.baseline:
-        logger.info(_irn_family.recommended_thresholds(spec))
+                PrototypeBank.load(_abs(ns.bank), classifier_weight=plan.score_weight)  # fail early on a foreign bank
+            if ctx is not None:  # torchrun: each rank writes its shard, complete files are kept
+                device = _irn_family.rank_device(ctx, settings.device)
+                if ns.baseline:
+                    _irn_family.sharded_baseline_pass(plan.cam_model, msf, out, device, extra_weight=plan.extra_weight,
+                                                      overwrite=ns.overwrite, num_workers=ns.loader_workers)
+                else:
+                    baseline_dir = _abs(settings.baseline_dir) or os.path.splitext(_abs(ns.bank))[0] + "_baseline"
+                    _irn_family.sharded_lpcam_pass(plan.feature_model, msf, _abs(ns.bank), out, device,
+                                                   read_dirs=[baseline_dir], overwrite=ns.overwrite,
+                                                   num_workers=ns.loader_workers)
+            elif ns.baseline:
+                _irn_family.baseline_pass(plan.cam_model, msf, out, extra_weight=plan.extra_weight,
+                                          workers=_irn_family.resolve_workers(settings), device=settings.device,
+                                          num_workers=ns.loader_workers)
+            else:
+                _irn_family.lpcam_pass(plan.feature_model, msf, _abs(ns.bank), out,
+                                       workers=_irn_family.resolve_workers(settings), device=settings.device,
+                                       num_workers=ns.loader_workers)
+    finally:
+        if ctx is not None:
+            ctx.close()
+    if ctx is None or ctx.is_main:
+        logger.info("%s maps of %d images written to %s", "baseline" if ns.baseline else "LPCAM", len(msf), out)
+        if not ns.baseline:
+            logger.info(_irn_family.recommended_thresholds(spec))
     return 0
 
 
@@ -306,8 +348,9 @@ def _common(p: argparse.ArgumentParser, host: str, *, bank_required: bool) -> No
     p.add_argument("--network", default="net.resnet50_cam", help="host network module (args.cam_network)")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.5, 1.5, 2.0], help="inference scales")
     p.add_argument("--config", help="YAML of LPCAM settings (as LPCAM_CONFIG)")
-    p.add_argument("--workers", type=int, help="processes (default: one per GPU; 0: in-process)")
-    p.add_argument("--device", help="device for in-process work")
+    p.add_argument("--workers", type=int, help="spawned processes (default: one per GPU; 0: in-process); "
+                   "not with torchrun, which launches the processes itself")
+    p.add_argument("--device", help="device for in-process work (under torchrun: default cuda:LOCAL_RANK, or CPU)")
     p.add_argument("--loader-workers", type=int, default=0, help="DataLoader workers per process")
     if host == "recam":
         p.add_argument("--recam-weight-dir", help="ReCAM's recam_weight dir (res50_recam_<N>.pth, recam_predictor_<N>.pth)")
@@ -344,6 +387,9 @@ def register(subparsers: Any) -> None:
         mk.add_argument("--list", default="voc12/train_aug.txt", help="image list (relative to --host)")
         mk.add_argument("--out", required=True, help="output directory (the host's cam_out_dir)")
         mk.add_argument("--baseline", action="store_true", help="the host's own CAM maps instead of LPCAM")
+        mk.add_argument("--overwrite", action="store_true",
+                        help="under torchrun: recompute maps that already exist (default: keep complete files, so a "
+                             "restarted job resumes); without torchrun every map is written anyway")
         mk.set_defaults(func=_cmd_make, host_name=host)
 
     # [AMN adapter] `lpcam amn ...` lives in lpcam_adapters._cli_amn (added by the AMN engineer).

@@ -12,6 +12,8 @@ Commands (:func:`register` adds them to the core CLI's sub-parsers):
 
 ``--weights`` is the AMN checkpoint file itself (``sess/res50_amn.pth``: no suffix is appended).
 Stage (a) is IRN's: use ``lpcam irn prototypes|make`` on AMN's checkout for it.
+``prototypes`` and ``make`` also run under ``torchrun --nproc_per_node N -m lpcam_core.cli amn ...``
+(sharded loops, the same bank and files as one process).
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ def _model(ns: argparse.Namespace) -> Any:
 
 
 def _cmd_prototypes(ns: argparse.Namespace) -> int:
-    from . import _cli, amn
+    from . import _cli, _irn_family, amn
 
     if not ns.ir_label_dir:
         raise ValueError("--ir-label-dir is required: the stage-(a) ir_label PNGs split the pools or normalise AMN's maps")
@@ -127,29 +129,46 @@ def _cmd_prototypes(ns: argparse.Namespace) -> int:
     ir_label_dir = os.path.abspath(ns.ir_label_dir)
     plist = _list_path(ns.list)
     voc = os.path.abspath(ns.voc12_root)
-    with _cli._in_host(ns.host):
-        importlib.import_module("lpcam_adapters.amn")
-        model = _model(ns)
-        loader = importlib.import_module("voc12.dataloader")
-        if settings.split == "amn_cam":
-            msf = loader.VOC12ClassificationDatasetMSF(plist, voc12_root=voc, scales=tuple(ns.scales))
-            missing = [i for i, n in enumerate(msf.img_name_list)
-                       if not os.path.isfile(os.path.join(baseline_dir, loader.decode_int_filename(n) + ".npy"))]
-            if missing:
-                from torch.utils.data import Subset
+    ctx = _irn_family.init_torchrun(settings.base.workers)
+    try:
+        with _cli._in_host(ns.host):
+            importlib.import_module("lpcam_adapters.amn")
+            model = _model(ns)
+            loader = importlib.import_module("voc12.dataloader")
+            single = loader.VOC12ClassificationDataset(plist, voc12_root=voc)
+            meta = {"host": "amn", "stage": "b", "proto_list": ns.list, "num_proto_images": len(single),
+                    "weights": os.path.abspath(ns.weights)}
+            msf = None
+            if settings.split == "amn_cam":
+                msf = loader.VOC12ClassificationDatasetMSF(plist, voc12_root=voc, scales=tuple(ns.scales))
+            if ctx is None:
+                if msf is not None:
+                    missing = [i for i, n in enumerate(msf.img_name_list)
+                               if not os.path.isfile(os.path.join(baseline_dir, loader.decode_int_filename(n) + ".npy"))]
+                    if missing:
+                        from torch.utils.data import Subset
 
-                from . import _irn_family
-
-                amn.amn_baseline_pass(model, Subset(msf, missing), baseline_dir, ir_label_dir, skip_existing=True,
-                                      workers=_irn_family.resolve_workers(settings.base), device=settings.base.device,
-                                      num_workers=ns.loader_workers)
-        single = loader.VOC12ClassificationDataset(plist, voc12_root=voc)
-        meta = {"host": "amn", "stage": "b", "proto_list": ns.list, "num_proto_images": len(single),
-                "weights": os.path.abspath(ns.weights)}
-        result = amn.build_amn_bank(model, single, settings, baseline_dir=baseline_dir, ir_label_dir=ir_label_dir,
-                                    bank_path=bank, device=settings.base.device, extra_meta=meta,
-                                    num_workers=ns.loader_workers)
-    logger.warning("bank %s: %r", bank, result)
+                        amn.amn_baseline_pass(model, Subset(msf, missing), baseline_dir, ir_label_dir,
+                                              skip_existing=True, workers=_irn_family.resolve_workers(settings.base),
+                                              device=settings.base.device, num_workers=ns.loader_workers)
+                result = amn.build_amn_bank(model, single, settings, baseline_dir=baseline_dir,
+                                            ir_label_dir=ir_label_dir, bank_path=bank, device=settings.base.device,
+                                            extra_meta=meta, num_workers=ns.loader_workers)
+            else:  # torchrun: each rank computes its shard of the missing maps and of the features
+                device = _irn_family.rank_device(ctx, settings.base.device)
+                if msf is not None:
+                    missing_ids = _irn_family.missing_files(msf, baseline_dir)
+                    if missing_ids:
+                        amn.sharded_amn_baseline_pass(model, msf, baseline_dir, ir_label_dir, device, ids=missing_ids,
+                                                      num_workers=ns.loader_workers)
+                result = amn.build_amn_bank_sharded(model, single, settings, device, baseline_dir=baseline_dir,
+                                                    ir_label_dir=ir_label_dir, bank_path=bank, extra_meta=meta,
+                                                    num_workers=ns.loader_workers)
+    finally:
+        if ctx is not None:
+            ctx.close()
+    if ctx is None or ctx.is_main:
+        logger.warning("bank %s: %r", bank, result)
     return 0
 
 
@@ -164,30 +183,48 @@ def _cmd_make(ns: argparse.Namespace) -> int:
     plist = _list_path(ns.list)
     voc = os.path.abspath(ns.voc12_root)
     out = os.path.abspath(ns.out)
-    with _cli._in_host(ns.host):
-        importlib.import_module("lpcam_adapters.amn")
-        model = _model(ns)
-        loader = importlib.import_module("voc12.dataloader")
-        msf = loader.VOC12ClassificationDatasetMSF(plist, voc12_root=voc, scales=tuple(ns.scales))
-        workers = _irn_family.resolve_workers(settings.base)
-        if ns.baseline:
-            amn.amn_baseline_pass(model, msf, out, os.path.abspath(ns.ir_label_dir), workers=workers,
-                                  device=settings.base.device, num_workers=ns.loader_workers)
-        else:
-            from lpcam_core import PrototypeBank
+    ctx = _irn_family.init_torchrun(settings.base.workers)
+    try:
+        with _cli._in_host(ns.host):
+            importlib.import_module("lpcam_adapters.amn")
+            model = _model(ns)
+            loader = importlib.import_module("voc12.dataloader")
+            msf = loader.VOC12ClassificationDatasetMSF(plist, voc12_root=voc, scales=tuple(ns.scales))
+            workers = _irn_family.resolve_workers(settings.base)
+            device = None if ctx is None else _irn_family.rank_device(ctx, settings.base.device)
+            if ns.baseline:
+                if ctx is None:
+                    amn.amn_baseline_pass(model, msf, out, os.path.abspath(ns.ir_label_dir), workers=workers,
+                                          device=settings.base.device, num_workers=ns.loader_workers)
+                else:
+                    amn.sharded_amn_baseline_pass(model, msf, out, os.path.abspath(ns.ir_label_dir), device,
+                                                  overwrite=ns.overwrite, num_workers=ns.loader_workers)
+            else:
+                from lpcam_core import PrototypeBank
 
-            bank = PrototypeBank.load(os.path.abspath(ns.bank), num_classes=amn.NUM_CLASSES)
-            choices = bank.meta.get("amn_choices") or {}
-            if choices and choices.get("features") != settings.features:
-                raise ValueError(f"{ns.bank} was built on {choices.get('features')} features, not {settings.features}: "
-                                 "pass the same --features")
-            if bank.meta.get("amn_fingerprint") not in (None, amn._amn_fingerprint(model)):
-                raise ValueError(f"{ns.bank} was built with another AMN checkpoint: rebuild it with `lpcam amn prototypes`")
-            amn.amn_lpcam_pass(model, msf, os.path.abspath(ns.bank), out, settings, workers=workers,
-                               device=settings.base.device, num_workers=ns.loader_workers)
-    logger.warning("%s maps of %d images written to %s", "AMN" if ns.baseline else "LPCAM", len(msf), out)
-    if not ns.baseline:
-        logger.warning(amn.recommended_amn_thresholds())
+                bank_path = os.path.abspath(ns.bank)
+                bank = PrototypeBank.load(bank_path, num_classes=amn.NUM_CLASSES)
+                choices = bank.meta.get("amn_choices") or {}
+                if choices and choices.get("features") != settings.features:
+                    raise ValueError(f"{ns.bank} was built on {choices.get('features')} features, "
+                                     f"not {settings.features}: pass the same --features")
+                if bank.meta.get("amn_fingerprint") not in (None, amn._amn_fingerprint(model)):
+                    raise ValueError(f"{ns.bank} was built with another AMN checkpoint: "
+                                     "rebuild it with `lpcam amn prototypes`")
+                if ctx is None:
+                    amn.amn_lpcam_pass(model, msf, bank_path, out, settings, workers=workers,
+                                       device=settings.base.device, num_workers=ns.loader_workers)
+                else:
+                    baseline_dir = os.path.splitext(bank_path)[0] + "_baseline"
+                    amn.sharded_amn_lpcam_pass(model, msf, bank_path, out, settings, device, read_dirs=[baseline_dir],
+                                               overwrite=ns.overwrite, num_workers=ns.loader_workers)
+    finally:
+        if ctx is not None:
+            ctx.close()
+    if ctx is None or ctx.is_main:
+        logger.warning("%s maps of %d images written to %s", "AMN" if ns.baseline else "LPCAM", len(msf), out)
+        if not ns.baseline:
+            logger.warning(amn.recommended_amn_thresholds())
     return 0
 
 
@@ -221,8 +258,9 @@ def _common(p: argparse.ArgumentParser, *, bank_required: bool) -> None:
     p.add_argument("--softmax", type=int, choices=amn.SOFTMAX_WAYS, help="20 (default) or 21-way scoring softmax")
     p.add_argument("--split", choices=amn.SPLITS, help="what splits the pools: amn_cam (default) or ir_label")
     p.add_argument("--background", choices=amn.BACKGROUNDS, help="channel 0 of the files (default one_minus_max)")
-    p.add_argument("--workers", type=int, help="processes (default: one per GPU; 0: in-process)")
-    p.add_argument("--device", help="device for in-process work")
+    p.add_argument("--workers", type=int, help="spawned processes (default: one per GPU; 0: in-process); "
+                   "not with torchrun, which launches the processes itself")
+    p.add_argument("--device", help="device for in-process work (under torchrun: default cuda:LOCAL_RANK, or CPU)")
     p.add_argument("--loader-workers", type=int, default=0, help="DataLoader workers per process")
 
 
@@ -252,4 +290,7 @@ def register(subparsers: Any) -> None:
     mk.add_argument("--list", default="voc12/train_aug.txt", help="image list (relative to --host)")
     mk.add_argument("--out", required=True, help="output directory (AMN's amn_cam_out_dir)")
     mk.add_argument("--baseline", action="store_true", help="AMN's own maps (Dropout off) instead of LPCAM")
+    mk.add_argument("--overwrite", action="store_true",
+                    help="under torchrun: recompute maps that already exist (default: keep complete files, so a "
+                         "restarted job resumes); without torchrun every map is written anyway")
     mk.set_defaults(func=_cmd_make)

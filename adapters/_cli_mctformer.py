@@ -129,6 +129,12 @@ def _env(args: argparse.Namespace) -> dict[str, str]:
 def _run(args: argparse.Namespace, env: dict[str, str]) -> int:
     from . import mctformer
 
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        raise ValueError(
+            f"`lpcam mctformer {args.host_command}` does not run under torchrun (this process is rank "
+            f"{os.environ['RANK']} of {os.environ['WORLD_SIZE']}): MCTformer's main.py runs as is, in one "
+            "process; launch it with one process, without torchrun (`lpcam mctformer ...`)"
+        )
     if not args.rest:
         raise ValueError("give MCTformer's main.py arguments after `--` (model, data, --resume, ...)")
     mctformer.run_host_main(args.host, main_args(args.rest), environ=env)

@@ -18,6 +18,8 @@ With ``LPCAM=0`` the host's own pass runs; on a machine without GPU (where the h
 zero workers writes nothing) an in-process loop writes the host's baseline maps instead.
 With N GPUs every step that loops over images runs in N spawned workers (one per GPU); the
 worker functions live in this module, so unpickling them imports the patches in each worker.
+Under torchrun (the ``lpcam <host> prototypes|make`` commands) the same per-image functions run in
+every rank on its shard instead (``sharded_*``, :func:`build_bank_sharded`).
 
 Settings (environment variables, or a YAML file named by ``LPCAM_CONFIG``; see
 :func:`settings_from_env`) fill :class:`AdapterSettings`, whose ``lpcam`` field is the core's
@@ -62,6 +64,12 @@ __all__ = [
     "baseline_pass",
     "build_bank",
     "lpcam_pass",
+    "launched_by_torchrun",
+    "init_torchrun",
+    "sharded_maps",
+    "sharded_baseline_pass",
+    "sharded_lpcam_pass",
+    "build_bank_sharded",
     "make_cam_pass",
     "configure_logging",
     "ENV_VARS",
@@ -526,33 +534,42 @@ def _baseline_worker(
     progress = _Progress(f"baseline CAM -> {out_dir}", len(databin), process_id)
     with torch.no_grad():
         for done, pack in enumerate(_loader(databin, num_workers), 1):
-            name = pack["name"]
-            path = os.path.join(out_dir, name + ".npy")
-            if skip_existing and os.path.isfile(path):
-                progress.update(done)
-                continue
-            label = torch.as_tensor(pack["label"])
-            size = _size(pack["size"])
-            strided_size = ((size[0] - 1) // 4 + 1, (size[1] - 1) // 4 + 1)
-            strided_up_size = (((size[0] - 1) // 16 + 1) * 16, ((size[1] - 1) // 16 + 1) * 16)
-            if weight is None:
-                outputs = [model(img.to(dev, non_blocking=True)) for img in _scales(pack["img"])]
-            else:
-                outputs = [model.forward2(img.to(dev, non_blocking=True), weight) for img in _scales(pack["img"])]
-            strided_cam = torch.sum(torch.stack(
-                [F.interpolate(torch.unsqueeze(o, 0), strided_size, mode="bilinear", align_corners=False)[0]
-                 for o in outputs]), 0)
-            highres_cam = [F.interpolate(torch.unsqueeze(o, 1), strided_up_size, mode="bilinear", align_corners=False)
-                           for o in outputs]
-            highres_cam = torch.sum(torch.stack(highres_cam, 0), 0)[:, 0, :size[0], :size[1]]
-            valid_cat = torch.nonzero(label)[:, 0]
-            strided_cam = strided_cam[valid_cat]
-            highres_cam = highres_cam[valid_cat]
-            if valid_cat.numel():
-                strided_cam /= F.adaptive_max_pool2d(strided_cam, (1, 1)) + 1e-5
-                highres_cam /= F.adaptive_max_pool2d(highres_cam, (1, 1)) + 1e-5
-            _save(path, valid_cat, strided_cam.cpu(), highres_cam.cpu().numpy())
+            path = os.path.join(out_dir, pack["name"] + ".npy")
+            if not (skip_existing and os.path.isfile(path)):
+                rec = _baseline_maps(model, pack, dev, weight)
+                _save(path, rec["keys"], rec["cam"], rec["high_res"])
             progress.update(done)
+
+
+def _baseline_maps(model: torch.nn.Module, pack: Mapping[str, Any], dev: torch.device,
+                   weight: torch.Tensor | None) -> dict[str, Any]:
+    """The host's CAM of one MSF item (``weight``: ReCAM's ``forward2``), under ``torch.no_grad``.
+
+    Returns:
+        ``{"keys": int64 [n], "cam": CPU float [n, ceil(H/4), ceil(W/4)], "high_res": numpy [n, H, W]}``,
+        each map max-normalised (the host's make_cam/make_recam maths).
+    """
+    label = torch.as_tensor(pack["label"])
+    size = _size(pack["size"])
+    strided_size = ((size[0] - 1) // 4 + 1, (size[1] - 1) // 4 + 1)
+    strided_up_size = (((size[0] - 1) // 16 + 1) * 16, ((size[1] - 1) // 16 + 1) * 16)
+    if weight is None:
+        outputs = [model(img.to(dev, non_blocking=True)) for img in _scales(pack["img"])]
+    else:
+        outputs = [model.forward2(img.to(dev, non_blocking=True), weight) for img in _scales(pack["img"])]
+    strided_cam = torch.sum(torch.stack(
+        [F.interpolate(torch.unsqueeze(o, 0), strided_size, mode="bilinear", align_corners=False)[0]
+         for o in outputs]), 0)
+    highres_cam = [F.interpolate(torch.unsqueeze(o, 1), strided_up_size, mode="bilinear", align_corners=False)
+                   for o in outputs]
+    highres_cam = torch.sum(torch.stack(highres_cam, 0), 0)[:, 0, :size[0], :size[1]]
+    valid_cat = torch.nonzero(label)[:, 0]
+    strided_cam = strided_cam[valid_cat]
+    highres_cam = highres_cam[valid_cat]
+    if valid_cat.numel():
+        strided_cam /= F.adaptive_max_pool2d(strided_cam, (1, 1)) + 1e-5
+        highres_cam /= F.adaptive_max_pool2d(highres_cam, (1, 1)) + 1e-5
+    return {"keys": valid_cat, "cam": strided_cam.cpu(), "high_res": highres_cam.cpu().numpy()}
 
 
 def _save(path: str, keys: torch.Tensor, cam: torch.Tensor, high_res: np.ndarray) -> None:
@@ -687,22 +704,13 @@ def build_bank(
     Returns:
         :class:`lpcam_core.PrototypeBank`.
     """
-    from lpcam_core import PrototypeBank, PrototypeBuilder
-    from lpcam_core.bank import BankError
+    from lpcam_core import PrototypeBuilder
 
     extra_meta = dict(extra_meta or {})
     score_weight = score_weight.detach().float().cpu().reshape(score_weight.shape[0], -1)
-    if bank_path is not None and os.path.isfile(bank_path) and not settings.rebuild_bank:
-        try:
-            bank = PrototypeBank.load(bank_path, classifier_weight=score_weight, num_classes=score_weight.shape[0])
-        except BankError as err:
-            logger.warning("rebuilding the prototype bank: %s", err)
-        else:
-            why = _bank_matches(bank, settings, extra_meta)
-            if why is None:
-                logger.info("reusing the prototype bank %s (same checkpoint and settings)", bank_path)
-                return bank
-            logger.warning("rebuilding the prototype bank %s: %s", bank_path, why)
+    bank = _reusable_bank(bank_path, settings, score_weight, extra_meta)
+    if bank is not None:
+        return bank
 
     cfg = settings.lpcam
     dev = _device_for(0, 1, device)
@@ -744,6 +752,27 @@ def build_bank(
         os.makedirs(os.path.dirname(os.path.abspath(bank_path)), exist_ok=True)
         bank.save(bank_path)
     return bank
+
+
+def _reusable_bank(bank_path: str | os.PathLike | None, settings: AdapterSettings, score_weight: torch.Tensor,
+                   extra_meta: Mapping[str, Any]) -> Any:
+    """The bank at ``bank_path`` when it was built with this classifier, settings and ``extra_meta``, else None."""
+    from lpcam_core import PrototypeBank
+    from lpcam_core.bank import BankError
+
+    if bank_path is None or not os.path.isfile(bank_path) or settings.rebuild_bank:
+        return None
+    try:
+        bank = PrototypeBank.load(bank_path, classifier_weight=score_weight, num_classes=score_weight.shape[0])
+    except BankError as err:
+        logger.warning("rebuilding the prototype bank: %s", err)
+        return None
+    why = _bank_matches(bank, settings, extra_meta)
+    if why is None:
+        logger.info("reusing the prototype bank %s (same checkpoint and settings)", bank_path)
+        return bank
+    logger.warning("rebuilding the prototype bank %s: %s", bank_path, why)
+    return None
 
 
 def _peak_rss_mib() -> float:
@@ -813,12 +842,16 @@ def _lpcam_worker(
     progress = _Progress(f"LPCAM -> {out_dir}", len(databin), process_id)
     with torch.no_grad():
         for done, pack in enumerate(_loader(databin, num_workers), 1):
-            size = _size(pack["size"])
-            keys = torch.nonzero(torch.as_tensor(pack["label"]))[:, 0]
-            features = [extract_features(model, img.to(dev, non_blocking=True)) for img in _scales(pack["img"])]
-            rec = _lpcam_record(features, bank, keys, size)
+            rec = _lpcam_maps(model, pack, bank, dev)
             _save(os.path.join(out_dir, pack["name"] + ".npy"), rec["keys"], rec["cam"], rec["high_res"])
             progress.update(done)
+
+
+def _lpcam_maps(model: torch.nn.Module, pack: Mapping[str, Any], bank: Any, dev: torch.device) -> dict:
+    """LPCAM record of one MSF item (:func:`_lpcam_record` on its ``stage4`` features at every scale)."""
+    keys = torch.nonzero(torch.as_tensor(pack["label"]))[:, 0]
+    features = [extract_features(model, img.to(dev, non_blocking=True)) for img in _scales(pack["img"])]
+    return _lpcam_record(features, bank, keys, _size(pack["size"]))
 
 
 def lpcam_pass(
@@ -846,6 +879,258 @@ def lpcam_pass(
     if workers > 1:
         model.cpu()
     _run(_lpcam_worker, workers, (model, dataset, os.fspath(bank_path), os.fspath(out_dir), device, num_workers))
+
+
+# --------------------------------------------------------------------------- under torchrun
+
+
+def launched_by_torchrun(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether torchrun launched this process (``RANK`` and ``WORLD_SIZE`` set); imports nothing."""
+    env = os.environ if environ is None else environ
+    return "RANK" in env and "WORLD_SIZE" in env
+
+
+def init_torchrun(workers: int | None, option: str = "--workers") -> Any:
+    """The process group of a torchrun launch (:func:`lpcam_core.distributed.init_from_env`), or None.
+
+    ``lpcam_core.distributed`` (and ``torch.distributed``) is imported only under torchrun.
+
+    Args:
+        workers: the spawned-workers setting (``settings.workers``).
+        option: how the user set it, for the error message.
+
+    Raises:
+        ValueError: torchrun launched us and ``workers`` > 1 asks for spawned workers as well.
+    """
+    if not launched_by_torchrun():
+        return None
+    if workers is not None and workers > 1:
+        raise ValueError(
+            f"{option} {workers} (or LPCAM_WORKERS) spawns worker processes, but torchrun already launched "
+            f"{os.environ.get('WORLD_SIZE')} process(es): drop {option} (or set it to 0) under torchrun, "
+            "or launch without torchrun"
+        )
+    from lpcam_core import distributed as lpdist
+
+    return lpdist.init_from_env()
+
+
+def rank_device(ctx: Any, requested: str | None) -> torch.device:
+    """This rank's device: ``requested`` (``--device``/``LPCAM_DEVICE``) as is, else ``cuda:LOCAL_RANK`` or CPU."""
+    return torch.device(requested) if requested else ctx.device
+
+
+def image_ids(dataset: Any) -> list[str]:
+    """The image ids of a host ``voc12.dataloader`` dataset, in order (as its items name them)."""
+    loader = importlib.import_module("voc12.dataloader")
+    return [loader.decode_int_filename(n) for n in dataset.img_name_list]
+
+
+class _PackFeed:
+    """A host dataset's items by image id, converted as the DataLoader converts them.
+
+    With ``num_workers`` > 0 a DataLoader prefetches ``expected`` (the ids a sharded loop will
+    most likely ask for, in that order); an id asked out of that order is read directly.
+    """
+
+    def __init__(self, dataset: Any, ids: Sequence[str], expected: Sequence[str] = (), num_workers: int = 0) -> None:
+        from collections import Counter, deque
+
+        from torch.utils.data import Subset
+
+        self.dataset = dataset
+        self.index = {name: i for i, name in enumerate(ids)}
+        wanted = list(expected) if num_workers > 0 else []
+        self.pending = deque(wanted)
+        self.count = Counter(wanted)
+        self.iter = iter(_loader(Subset(dataset, [self.index[i] for i in wanted]), num_workers)) if wanted else None
+
+    def __call__(self, image_id: str) -> dict:
+        from torch.utils.data import default_convert
+
+        if self.count.get(image_id, 0) > 0:
+            while self.pending:  # drop prefetched items the loop skipped
+                name = self.pending.popleft()
+                self.count[name] -= 1
+                pack = next(self.iter)
+                if name == image_id:
+                    return pack
+        if image_id not in self.index:
+            raise KeyError(f"image {image_id} is not in the dataset's list")
+        return default_convert(self.dataset[self.index[image_id]])
+
+    def close(self) -> None:
+        self.iter = None
+        self.pending.clear()
+        self.count.clear()
+
+
+def sharded_maps(
+    dataset: Any,
+    compute: Callable[[Mapping[str, Any]], Mapping[str, Any]],
+    out_dir: str | os.PathLike,
+    *,
+    ids: Sequence[str] | None = None,
+    read_dirs: Iterable[str | os.PathLike | None] = (),
+    overwrite: bool = False,
+    num_workers: int = 0,
+    desc: str = "maps",
+) -> Any:
+    """Collective: one IRN-format file per image, sharded over the torchrun ranks, resumable.
+
+    Args:
+        dataset: host MSF dataset.
+        compute: item -> ``{"keys", "cam", "high_res"}`` record (under ``torch.no_grad``).
+        out_dir: output directory (created).
+        ids: the images to write (default: the whole dataset), the same list on every rank.
+        read_dirs: directories read from, never written into.
+        overwrite: recompute files that exist and load (default: skip them).
+        num_workers: DataLoader workers prefetching this rank's images.
+        desc: log label.
+
+    Returns:
+        :class:`lpcam_core.distributed.GenerateStats` (totals over ranks).
+    """
+    from lpcam_core import distributed as lpdist
+
+    names = image_ids(dataset)
+    todo = names if ids is None else [str(i) for i in ids]
+    mine = lpdist.shard(todo)
+    folder = os.fspath(out_dir)
+    expected = mine if overwrite else [i for i in mine if not os.path.isfile(os.path.join(folder, i + ".npy"))]
+    feed = _PackFeed(dataset, names, expected, num_workers)
+
+    def one(image_id: str) -> Mapping[str, Any]:
+        with torch.no_grad():
+            return compute(feed(image_id))
+
+    try:
+        return lpdist.generate(todo, one, out_dir, writer=lpdist.irn_writer, overwrite=overwrite,
+                               read_dirs=read_dirs, progress=sys.stderr.isatty(), desc=desc)
+    finally:
+        feed.close()
+
+
+def sharded_baseline_pass(
+    model: torch.nn.Module,
+    dataset: Any,
+    out_dir: str | os.PathLike,
+    device: torch.device,
+    *,
+    extra_weight: torch.Tensor | None = None,
+    ids: Sequence[str] | None = None,
+    overwrite: bool = False,
+    num_workers: int = 0,
+) -> Any:
+    """:func:`baseline_pass` under torchrun: each rank writes its shard of ``ids`` (default all) on ``device``."""
+    model = model.to(device)
+    weight = extra_weight.to(device) if extra_weight is not None else None
+    return sharded_maps(dataset, lambda pack: _baseline_maps(model, pack, device, weight), out_dir, ids=ids,
+                        overwrite=overwrite, num_workers=num_workers, desc=f"baseline CAM -> {out_dir}")
+
+
+def sharded_lpcam_pass(
+    model: torch.nn.Module,
+    dataset: Any,
+    bank_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    device: torch.device,
+    *,
+    read_dirs: Iterable[str | os.PathLike | None] = (),
+    overwrite: bool = False,
+    num_workers: int = 0,
+) -> Any:
+    """:func:`lpcam_pass` under torchrun: each rank loads the bank and writes its shard on ``device``."""
+    from lpcam_core import PrototypeBank
+
+    bank = PrototypeBank.load(bank_path)
+    model = model.to(device)
+    return sharded_maps(dataset, lambda pack: _lpcam_maps(model, pack, bank, device), out_dir, read_dirs=read_dirs,
+                        overwrite=overwrite, num_workers=num_workers, desc=f"LPCAM -> {out_dir}")
+
+
+def check_baseline_record_once(baseline_dir: str | os.PathLike, record: Mapping[str, Any]) -> None:
+    """Collective: :func:`check_baseline_record` on rank 0 (which may write the record), then on the others."""
+    from lpcam_core import distributed as lpdist
+
+    if lpdist.rank() == 0:
+        check_baseline_record(baseline_dir, record)
+    lpdist.barrier()
+    if lpdist.rank() != 0:
+        check_baseline_record(baseline_dir, record)
+
+
+def missing_files(dataset: Any, out_dir: str | os.PathLike) -> list[str]:
+    """Ids of ``dataset`` without ``<out_dir>/<id>.npy``, decided on rank 0 and sent to every rank."""
+    from lpcam_core import distributed as lpdist
+
+    missing = None
+    if lpdist.rank() == 0:
+        missing = [i for i in image_ids(dataset) if not os.path.isfile(os.path.join(os.fspath(out_dir), i + ".npy"))]
+    return lpdist.broadcast_object(missing)
+
+
+def build_bank_sharded(
+    model: torch.nn.Module,
+    proto_dataset: Any,
+    baseline_dir: str | os.PathLike,
+    settings: AdapterSettings,
+    score_weight: torch.Tensor,
+    device: torch.device,
+    *,
+    bank_path: str | os.PathLike | None = None,
+    extra_meta: Mapping[str, Any] | None = None,
+    num_workers: int = 0,
+) -> Any:
+    """Collective: :func:`build_bank` under torchrun, through :func:`lpcam_core.distributed.build_prototypes`.
+
+    Rank 0 decides whether the bank at ``bank_path`` is reused (as :func:`build_bank` does) and tells
+    the others. Otherwise each rank adds its shard of the clustering plan (every image of the list,
+    or COCO's ``images_per_class`` draws), rank 0 clusters and saves; the bank equals
+    :func:`build_bank`'s for any world size (``meta["pool_peak_bytes"]`` aside: the most one rank held).
+
+    Returns:
+        :class:`lpcam_core.PrototypeBank` (on every rank).
+    """
+    from lpcam_core import PrototypeBank
+    from lpcam_core import distributed as lpdist
+
+    extra_meta = dict(extra_meta or {})
+    score_weight = score_weight.detach().float().cpu().reshape(score_weight.shape[0], -1)
+    num_classes = score_weight.shape[0]
+    bank = _reusable_bank(bank_path, settings, score_weight, extra_meta) if lpdist.rank() == 0 else None
+    if lpdist.broadcast_object(bank is not None):
+        return bank if bank is not None else PrototypeBank.load(bank_path)
+
+    cfg = settings.lpcam
+    model = model.to(device)
+    ids = image_ids(proto_dataset)
+    labels = {name: torch.nonzero(torch.as_tensor(proto_dataset.label_list[i]))[:, 0].tolist()
+              for i, name in enumerate(ids)}
+    plan = lpdist.clustering_plan(labels, cfg, num_classes)
+    feed = _PackFeed(proto_dataset, ids, [plan[i].image_id for i in lpdist.shard_indices(len(plan))], num_workers)
+
+    def load(image_id: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """stage4 features [C, h, w] (scale 1, no flip), baseline CAMs [n, H, W], keys [n]."""
+        pack = feed(image_id)
+        record = _load_cam(os.path.join(os.fspath(baseline_dir), image_id + ".npy"))
+        with torch.no_grad():
+            feats = extract_features(model, torch.as_tensor(pack["img"])[None].to(device))[0].float()
+        return feats, torch.as_tensor(np.asarray(record["high_res"])), torch.as_tensor(record["keys"]).long()
+
+    if bank_path is not None and lpdist.rank() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(bank_path)), exist_ok=True)
+    try:
+        bank = lpdist.build_prototypes(plan, load, num_classes, score_weight.to(device), config=cfg,
+                                       out_path=bank_path, device=device, progress=sys.stderr.isatty(), meta=extra_meta,
+                                       record_pool_peak=True)
+    finally:
+        feed.close()
+    if lpdist.rank() == 0:
+        logger.info("prototype pools: peak %.1f MiB per process of %.1f MiB budget; rank 0 peak RSS %.0f MiB "
+                    "(%d items, %d processes)", bank.meta["pool_peak_bytes"] / 2**20,
+                    cfg.memory_budget_bytes / 2**20, _peak_rss_mib(), len(plan), lpdist.world_size())
+    return bank
 
 
 # --------------------------------------------------------------------------- the patched pass

@@ -80,8 +80,11 @@ __all__ = [
     "background_placeholder",
     "amn_lpcam_record",
     "build_amn_bank",
+    "build_amn_bank_sharded",
     "amn_baseline_pass",
     "amn_lpcam_pass",
+    "sharded_amn_baseline_pass",
+    "sharded_amn_lpcam_pass",
     "make_amn_cam_pass",
     "install",
     "explain",
@@ -486,20 +489,60 @@ class _AMNPools:
         self._per_class_cfg = cfg.replace(memory_budget_bytes=max(1, cfg.memory_budget_bytes // NUM_CLASSES))
         self.images_seen = 0
 
-    def add(self, features: torch.Tensor, cams: torch.Tensor, keys: torch.Tensor) -> None:
-        """features [C, h, w], cams [n, H, W] of the n present classes ``keys`` [n]."""
+    def add(
+        self,
+        features: torch.Tensor,
+        cams: torch.Tensor,
+        keys: torch.Tensor,
+        *,
+        index: int | None = None,
+        class_index: Mapping[int, int] | None = None,
+    ) -> None:
+        """features [C, h, w], cams [n, H, W] of the n present classes ``keys`` [n].
+
+        ``index`` (the image's stream position) and ``class_index`` (class -> position among the
+        images of that class, for the per-class builders of raw features) are given when the stream
+        is split between processes; by default each builder counts its own images.
+        """
         from lpcam_core import PrototypeBuilder
 
         keys = keys.long()
         self.images_seen += 1
         if self.shared is not None:
-            self.shared.add(features, cams, keys + self.offset)
+            self.shared.add(features, cams, keys + self.offset, index=index)
             return
         for i, key in enumerate(keys.tolist()):
             builder = self.per_class.get(key)
             if builder is None:
                 builder = self.per_class[key] = PrototypeBuilder(self.rows, self._per_class_cfg)
-            builder.add(features, cams[i : i + 1], keys[i : i + 1] + self.offset)
+            position = None
+            if class_index is not None:
+                if key not in class_index:
+                    raise ValueError(f"class {key} is in an image's maps but not in its labels")
+                position = class_index[key]
+            builder.add(features, cams[i : i + 1], keys[i : i + 1] + self.offset, index=position)
+
+    def merge(self) -> _AMNPools | None:
+        """Collective: every rank's pools merged into those one process would hold, on rank 0 (None elsewhere).
+
+        Each builder goes through :func:`lpcam_core.distributed.merge_builders` (consumed here).
+        """
+        from lpcam_core import PrototypeBuilder
+        from lpcam_core import distributed as lpdist
+
+        images = sum(lpdist.all_gather(self.images_seen))
+        merged = _AMNPools(self.settings)
+        merged.images_seen = images
+        if self.shared is not None:
+            merged.shared = lpdist.merge_builders(self.shared)
+        else:
+            keys = sorted(set().union(*lpdist.all_gather(sorted(self.per_class))))
+            for key in keys:
+                builder = self.per_class.pop(key, None) or PrototypeBuilder(self.rows, self._per_class_cfg)
+                result = lpdist.merge_builders(builder)
+                if result is not None:
+                    merged.per_class[key] = result
+        return merged if lpdist.rank() == 0 else None
 
     @property
     def bytes_held(self) -> int:
@@ -566,6 +609,66 @@ def _amn_fingerprint(model: nn.Module) -> str:
     return classifier_fingerprint(weight.cpu(), bias.cpu())
 
 
+def _amn_bank_meta(model: nn.Module, settings: AMNSettings, extra_meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {**dict(extra_meta or {}), "amn_choices": settings.choices(), "amn_fingerprint": _amn_fingerprint(model)}
+
+
+def _reusable_amn_bank(bank_path: str | os.PathLike | None, settings: AMNSettings, meta: Mapping[str, Any]) -> Any:
+    """The bank at ``bank_path`` when built with the same settings, choices and AMN head, else None."""
+    from lpcam_core import PrototypeBank
+    from lpcam_core.bank import BankError
+
+    if bank_path is None or not os.path.isfile(bank_path) or settings.base.rebuild_bank:
+        return None
+    try:
+        bank = PrototypeBank.load(bank_path, num_classes=NUM_CLASSES)
+    except BankError as err:
+        logger.warning("rebuilding the AMN prototype bank: %s", err)
+        return None
+    why = _irn_family._bank_matches(bank, settings.base, meta)
+    if why is None:
+        logger.info("reusing the AMN prototype bank %s (same checkpoint, settings and choices)", bank_path)
+        return bank
+    logger.warning("rebuilding the AMN prototype bank %s: %s", bank_path, why)
+    return None
+
+
+def _check_no_sampling(cfg: Any) -> None:
+    if cfg.images_per_class is not None:
+        raise ValueError("the AMN adapter clusters every prototype image (VOC preset); images_per_class is not supported")
+
+
+def _amn_pool_inputs(
+    model: nn.Module,
+    pack: Mapping[str, Any],
+    settings: AMNSettings,
+    baseline_dir: str | os.PathLike | None,
+    ir_label_dir: str | os.PathLike | None,
+    dev: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One prototype image: features [C, h, w] (one scale, no flip), maps [n, H, W] splitting them, keys [n].
+
+    Call under ``torch.no_grad``.
+    """
+    from lpcam_core.io import load_label_png
+
+    name = pack["name"]
+    label = torch.as_tensor(pack["label"])
+    img = torch.as_tensor(pack["img"])[None].to(dev)
+    feats = amn_features(model, img, label, settings.features == "conditioned")[0].float()
+    if settings.split == "amn_cam":
+        assert baseline_dir is not None
+        record = _irn_family._load_cam(os.path.join(os.fspath(baseline_dir), name + ".npy"))
+        keys = torch.as_tensor(np.asarray(record["keys"])).long()
+        cams = torch.as_tensor(np.asarray(record["high_res"])[1:])
+    else:
+        assert ir_label_dir is not None
+        keys = torch.nonzero(label)[:, 0]
+        png = load_label_png(os.path.join(os.fspath(ir_label_dir), name + ".png"))
+        cams = ir_label_cams(png, keys.tolist(), settings.base.lpcam.fg_threshold)
+    return feats, cams, keys
+
+
 def build_amn_bank(
     model: nn.Module,
     proto_dataset: Any,
@@ -599,48 +702,21 @@ def build_amn_bank(
     Returns:
         :class:`lpcam_core.PrototypeBank` over the 20 classes.
     """
-    from lpcam_core import PrototypeBank
-    from lpcam_core.bank import BankError
-    from lpcam_core.io import load_label_png
-
-    meta = {**dict(extra_meta or {}), "amn_choices": settings.choices(), "amn_fingerprint": _amn_fingerprint(model)}
-    if bank_path is not None and os.path.isfile(bank_path) and not settings.base.rebuild_bank:
-        try:
-            bank = PrototypeBank.load(bank_path, num_classes=NUM_CLASSES)
-        except BankError as err:
-            logger.warning("rebuilding the AMN prototype bank: %s", err)
-        else:
-            why = _irn_family._bank_matches(bank, settings.base, meta)
-            if why is None:
-                logger.info("reusing the AMN prototype bank %s (same checkpoint, settings and choices)", bank_path)
-                return bank
-            logger.warning("rebuilding the AMN prototype bank %s: %s", bank_path, why)
+    meta = _amn_bank_meta(model, settings, extra_meta)
+    bank = _reusable_amn_bank(bank_path, settings, meta)
+    if bank is not None:
+        return bank
 
     cfg = settings.base.lpcam
-    if cfg.images_per_class is not None:
-        raise ValueError("the AMN adapter clusters every prototype image (VOC preset); images_per_class is not supported")
+    _check_no_sampling(cfg)
     dev = _irn_family._device_for(0, 1, device)
     model = model.to(dev)
     pools = _AMNPools(settings)
-    conditioned = settings.features == "conditioned"
     progress = _irn_family._Progress("AMN prototype features", len(proto_dataset), 0)
     peak = 0
     with torch.no_grad():
         for done, pack in enumerate(_irn_family._loader(proto_dataset, num_workers), 1):
-            name = pack["name"]
-            label = torch.as_tensor(pack["label"])
-            img = torch.as_tensor(pack["img"])[None].to(dev)
-            feats = amn_features(model, img, label, conditioned)[0].float()
-            if settings.split == "amn_cam":
-                assert baseline_dir is not None
-                record = _irn_family._load_cam(os.path.join(os.fspath(baseline_dir), name + ".npy"))
-                keys = torch.as_tensor(np.asarray(record["keys"])).long()
-                cams = torch.as_tensor(np.asarray(record["high_res"])[1:])
-            else:
-                assert ir_label_dir is not None
-                keys = torch.nonzero(label)[:, 0]
-                png = load_label_png(os.path.join(os.fspath(ir_label_dir), name + ".png"))
-                cams = ir_label_cams(png, keys.tolist(), cfg.fg_threshold)
+            feats, cams, keys = _amn_pool_inputs(model, pack, settings, baseline_dir, ir_label_dir, dev)
             pools.add(feats, cams, keys)
             peak = max(peak, pools.bytes_held)
             progress.update(done)
@@ -674,8 +750,6 @@ def _amn_baseline_worker(
     and at the image size, softmax over the 21 channels, channel 0 and the present classes kept,
     min-max normalised where the stage-(a) ir_label is not background; saved as AMN saves them.
     """
-    from PIL import Image
-
     from lpcam_core.io import save_irn_cam
 
     _irn_family._worker_setup(process_id, nprocs)
@@ -685,35 +759,45 @@ def _amn_baseline_worker(
     progress = _irn_family._Progress(f"AMN maps (Dropout off) -> {out_dir}", len(databin), process_id)
     with torch.no_grad():
         for done, pack in enumerate(_irn_family._loader(databin, num_workers), 1):
-            name = pack["name"]
-            path = os.path.join(out_dir, name + ".npy")
-            if skip_existing and os.path.isfile(path):
-                progress.update(done)
-                continue
-            label = torch.as_tensor(pack["label"])
-            size = _irn_family._size(pack["size"])
-            png = os.path.join(ir_label_dir, name + ".png")
-            if not os.path.isfile(png):
-                raise FileNotFoundError(f"ir_label PNG missing: {png} (run AMN's --cam_to_ir_label_pass first)")
-            label_amn = Image.open(png)
-            strided = ((size[0] - 1) // 4 + 1, (size[1] - 1) // 4 + 1)
-            label_down = np.array(label_amn.resize((strided[1], strided[0]), resample=Image.NEAREST))
-            label_up = np.array(label_amn.resize((size[1], size[0]), resample=Image.NEAREST))
-            outputs = [amn_logits(model, img.to(dev, non_blocking=True), label.unsqueeze(0).expand((img.shape[0], NUM_CLASSES)).to(dev))
-                       for img in _irn_family._scales(pack["img"])]
-            strided_cam = torch.sum(torch.stack(
-                [F.interpolate(torch.unsqueeze(o, 0), strided, mode="bilinear", align_corners=False)[0] for o in outputs]
-            ), 0) / len(outputs)
-            highres = [F.interpolate(torch.unsqueeze(o, 1), size, mode="bilinear", align_corners=False) for o in outputs]
-            highres_cam = torch.sum(torch.stack(highres, 0), 0)[:, 0, : size[0], : size[1]] / len(outputs)
-            valid_cat = torch.nonzero(label)[:, 0]
-            keys = np.pad(valid_cat.numpy() + 1, (1, 0), mode="constant")
-            strided_cam = F.softmax(strided_cam, dim=0)[keys].cpu().numpy()
-            highres_cam = F.softmax(highres_cam, dim=0)[keys].cpu().numpy()
-            strided_cam = _normalise_foreground(strided_cam, label_down)
-            highres_cam = _normalise_foreground(highres_cam, label_up)
-            save_irn_cam(path, valid_cat, torch.tensor(strided_cam), highres_cam, fsync=False)
+            path = os.path.join(out_dir, pack["name"] + ".npy")
+            if not (skip_existing and os.path.isfile(path)):
+                rec = _amn_baseline_maps(model, pack, ir_label_dir, dev)
+                save_irn_cam(path, rec["keys"], rec["cam"], rec["high_res"], fsync=False)
             progress.update(done)
+
+
+def _amn_baseline_maps(model: nn.Module, pack: Mapping[str, Any], ir_label_dir: str, dev: torch.device) -> dict:
+    """AMN's own maps of one MSF item (see :func:`_amn_baseline_worker`), under ``torch.no_grad``.
+
+    Returns:
+        ``{"keys": int64 [n], "cam": float32 [1 + n, ceil(H/4), ceil(W/4)], "high_res": numpy [1 + n, H, W]}``.
+    """
+    from PIL import Image
+
+    name = pack["name"]
+    label = torch.as_tensor(pack["label"])
+    size = _irn_family._size(pack["size"])
+    png = os.path.join(ir_label_dir, name + ".png")
+    if not os.path.isfile(png):
+        raise FileNotFoundError(f"ir_label PNG missing: {png} (run AMN's --cam_to_ir_label_pass first)")
+    label_amn = Image.open(png)
+    strided = ((size[0] - 1) // 4 + 1, (size[1] - 1) // 4 + 1)
+    label_down = np.array(label_amn.resize((strided[1], strided[0]), resample=Image.NEAREST))
+    label_up = np.array(label_amn.resize((size[1], size[0]), resample=Image.NEAREST))
+    outputs = [amn_logits(model, img.to(dev, non_blocking=True), label.unsqueeze(0).expand((img.shape[0], NUM_CLASSES)).to(dev))
+               for img in _irn_family._scales(pack["img"])]
+    strided_cam = torch.sum(torch.stack(
+        [F.interpolate(torch.unsqueeze(o, 0), strided, mode="bilinear", align_corners=False)[0] for o in outputs]
+    ), 0) / len(outputs)
+    highres = [F.interpolate(torch.unsqueeze(o, 1), size, mode="bilinear", align_corners=False) for o in outputs]
+    highres_cam = torch.sum(torch.stack(highres, 0), 0)[:, 0, : size[0], : size[1]] / len(outputs)
+    valid_cat = torch.nonzero(label)[:, 0]
+    keys = np.pad(valid_cat.numpy() + 1, (1, 0), mode="constant")
+    strided_cam = F.softmax(strided_cam, dim=0)[keys].cpu().numpy()
+    highres_cam = F.softmax(highres_cam, dim=0)[keys].cpu().numpy()
+    strided_cam = _normalise_foreground(strided_cam, label_down)
+    highres_cam = _normalise_foreground(highres_cam, label_up)
+    return {"keys": valid_cat, "cam": torch.tensor(strided_cam), "high_res": highres_cam}
 
 
 def _normalise_foreground(cams: np.ndarray, label: np.ndarray) -> np.ndarray:
@@ -820,15 +904,20 @@ def _amn_lpcam_worker(
     progress = _irn_family._Progress(f"AMN LPCAM -> {out_dir}", len(databin), process_id)
     with torch.no_grad():
         for done, pack in enumerate(_irn_family._loader(databin, num_workers), 1):
-            size = _irn_family._size(pack["size"])
-            label = torch.as_tensor(pack["label"])
-            keys = torch.nonzero(label)[:, 0]
-            features = [amn_features(model, img.to(dev, non_blocking=True), label, conditioned)
-                        for img in _irn_family._scales(pack["img"])]
-            rec = amn_lpcam_record(features, bank, keys, size, background)
+            rec = _amn_lpcam_maps(model, pack, bank, dev, conditioned, background)
             save_irn_cam(os.path.join(out_dir, pack["name"] + ".npy"), rec["keys"], rec["cam"], rec["high_res"],
                          fsync=False)
             progress.update(done)
+
+
+def _amn_lpcam_maps(model: nn.Module, pack: Mapping[str, Any], bank: Any, dev: torch.device, conditioned: bool,
+                    background: str) -> dict[str, Any]:
+    """:func:`amn_lpcam_record` of one MSF item (features at every scale), under ``torch.no_grad``."""
+    label = torch.as_tensor(pack["label"])
+    keys = torch.nonzero(label)[:, 0]
+    features = [amn_features(model, img.to(dev, non_blocking=True), label, conditioned)
+                for img in _irn_family._scales(pack["img"])]
+    return amn_lpcam_record(features, bank, keys, _irn_family._size(pack["size"]), background)
 
 
 def amn_lpcam_pass(
@@ -858,6 +947,134 @@ def amn_lpcam_pass(
     _irn_family._run(_amn_lpcam_worker, workers, (model, dataset, os.fspath(bank_path), os.fspath(out_dir),
                                                   settings.features == "conditioned", settings.background, device,
                                                   num_workers))
+
+
+# --------------------------------------------------------------------------- under torchrun
+
+
+def sharded_amn_baseline_pass(
+    model: nn.Module,
+    dataset: Any,
+    out_dir: str | os.PathLike,
+    ir_label_dir: str | os.PathLike,
+    device: torch.device,
+    *,
+    ids: Sequence[str] | None = None,
+    overwrite: bool = False,
+    num_workers: int = 0,
+) -> Any:
+    """:func:`amn_baseline_pass` under torchrun: each rank writes its shard of ``ids`` (default all) on ``device``."""
+    model = model.to(device)
+    label_dir = os.fspath(ir_label_dir)
+    return _irn_family.sharded_maps(dataset, lambda pack: _amn_baseline_maps(model, pack, label_dir, device), out_dir,
+                                    ids=ids, overwrite=overwrite, num_workers=num_workers,
+                                    desc=f"AMN maps (Dropout off) -> {out_dir}")
+
+
+def sharded_amn_lpcam_pass(
+    model: nn.Module,
+    dataset: Any,
+    bank_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    settings: AMNSettings,
+    device: torch.device,
+    *,
+    read_dirs: Sequence[str | os.PathLike | None] = (),
+    overwrite: bool = False,
+    num_workers: int = 0,
+) -> Any:
+    """:func:`amn_lpcam_pass` under torchrun: each rank loads the bank and writes its shard on ``device``."""
+    from lpcam_core import PrototypeBank
+
+    bank = PrototypeBank.load(bank_path)
+    model = model.to(device)
+    conditioned = settings.features == "conditioned"
+
+    def compute(pack: Mapping[str, Any]) -> dict[str, Any]:
+        return _amn_lpcam_maps(model, pack, bank, device, conditioned, settings.background)
+
+    return _irn_family.sharded_maps(dataset, compute, out_dir, read_dirs=read_dirs, overwrite=overwrite,
+                                    num_workers=num_workers, desc=f"AMN LPCAM -> {out_dir}")
+
+
+def build_amn_bank_sharded(
+    model: nn.Module,
+    proto_dataset: Any,
+    settings: AMNSettings,
+    device: torch.device,
+    *,
+    baseline_dir: str | os.PathLike | None,
+    ir_label_dir: str | os.PathLike | None,
+    bank_path: str | os.PathLike | None = None,
+    extra_meta: Mapping[str, Any] | None = None,
+    num_workers: int = 0,
+) -> Any:
+    """Collective: :func:`build_amn_bank` under torchrun.
+
+    Rank 0 decides on reuse (as :func:`build_amn_bank`) and tells the others. Otherwise each rank adds
+    its shard of the images (strided) with their global stream positions (and, for raw features, their
+    positions among the images of each class), the pools are merged on rank 0
+    (:meth:`_AMNPools.merge`), which builds and saves the bank: the one :func:`build_amn_bank` builds,
+    for any world size (``meta["pool_peak_bytes"]`` aside: the most one rank held).
+
+    Returns:
+        :class:`lpcam_core.PrototypeBank` (on every rank; the others read the file rank 0 saved).
+    """
+    from lpcam_core import PrototypeBank
+    from lpcam_core import distributed as lpdist
+
+    meta = _amn_bank_meta(model, settings, extra_meta)
+    bank = _reusable_amn_bank(bank_path, settings, meta) if lpdist.rank() == 0 else None
+    if lpdist.broadcast_object(bank is not None):
+        return bank if bank is not None else PrototypeBank.load(bank_path, num_classes=NUM_CLASSES)
+
+    cfg = settings.base.lpcam
+    _check_no_sampling(cfg)
+    model = model.to(device)
+    ids = _irn_family.image_ids(proto_dataset)
+    seen: dict[int, int] = {}
+    class_index: list[dict[int, int]] = []  # per image: class -> position among the images of that class
+    for i in range(len(ids)):
+        classes = torch.nonzero(torch.as_tensor(proto_dataset.label_list[i]))[:, 0].tolist()
+        class_index.append({c: seen.get(c, 0) for c in classes})
+        for c in classes:
+            seen[c] = seen.get(c, 0) + 1
+    mine = lpdist.shard_indices(len(ids))
+    feed = _irn_family._PackFeed(proto_dataset, ids, [ids[i] for i in mine], num_workers)
+    pools = _AMNPools(settings)
+    peak = 0
+    try:
+        with torch.no_grad():
+            for i in mine:
+                feats, cams, keys = _amn_pool_inputs(model, feed(ids[i]), settings, baseline_dir, ir_label_dir, device)
+                pools.add(feats, cams, keys, index=i, class_index=class_index[i])
+                peak = max(peak, pools.bytes_held)
+    finally:
+        feed.close()
+    peak = max(lpdist.all_gather(peak))
+    merged = pools.merge()
+    outcome: Any = None
+    if merged is not None:  # rank 0
+        try:
+            bank = merged.build(model, device)
+            bank.meta.update(meta)
+            bank.meta["pool_peak_bytes"] = int(peak)
+            if bank_path is not None:
+                os.makedirs(os.path.dirname(os.path.abspath(bank_path)), exist_ok=True)
+                bank.save(bank_path)
+            outcome = "ok"
+        except Exception as err:  # tell the other ranks instead of leaving them waiting
+            outcome = f"{type(err).__name__}: {err}"
+            lpdist.broadcast_object(outcome)
+            raise
+        logger.info("AMN prototype pools: peak %.1f MiB per process (budget %.1f MiB, %d processes)",
+                    peak / 2**20, cfg.memory_budget_bytes / 2**20, lpdist.world_size())
+    outcome = lpdist.broadcast_object(outcome)
+    if outcome != "ok":
+        raise RuntimeError(f"rank 0 failed to build the AMN prototype bank: {outcome}")
+    if bank is None:
+        bank = PrototypeBank.load(bank_path, num_classes=NUM_CLASSES) if bank_path is not None else None
+    return bank
 
 
 # --------------------------------------------------------------------------- the patched passes

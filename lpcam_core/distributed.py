@@ -54,6 +54,8 @@ __all__ = [
     "world_size",
     "local_rank",
     "barrier",
+    "broadcast_object",
+    "all_gather",
     "shard",
     "shard_indices",
     "ClusterItem",
@@ -231,6 +233,24 @@ def barrier() -> None:
     """Wait for every rank (no-op without a process group)."""
     if is_initialized() and world_size() > 1:
         dist.barrier(group=_cpu_group())
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Collective: rank ``src``'s ``obj`` (picklable) on every rank (``obj`` itself without a process group)."""
+    if world_size() == 1:
+        return obj
+    payload = [obj if rank() == src else None]
+    dist.broadcast_object_list(payload, src=src, group=_cpu_group())
+    return payload[0]
+
+
+def all_gather(obj: T) -> list[T]:
+    """Collective: every rank's ``obj`` (picklable), in rank order (``[obj]`` without a process group)."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj, group=_cpu_group())
+    return out
 
 
 def _resolve(rank_: int | None, world: int | None) -> tuple[int, int]:
@@ -456,6 +476,7 @@ def build_distributed(
     out_path: PathLike | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    meta: Mapping[str, Any] | None = None,
 ):
     """Collective: merge the ranks' builders, cluster on rank 0, save there, return the bank on every rank.
 
@@ -465,6 +486,7 @@ def build_distributed(
         out_path: where rank 0 saves the bank (atomically); other ranks never write it.
         device: where K-means runs on rank 0 (default: the classifier's device).
         progress: progress bar over classes on rank 0.
+        meta: extra metadata (picklable) merged into the bank's before it is saved (e.g. provenance).
 
     Returns:
         The same :class:`~lpcam_core.bank.PrototypeBank` on every rank (sent from rank 0; no shared
@@ -477,6 +499,7 @@ def build_distributed(
 
     if world_size() == 1:
         bank = builder.build(classifier_weight, bias, device=device, progress=progress)
+        bank.meta.update(meta or {})
         if out_path is not None:
             bank.save(out_path)
         return bank
@@ -491,6 +514,7 @@ def build_distributed(
             del gathered
             bank = merged.build(classifier_weight, bias, device=device, progress=progress)
             del merged
+            bank.meta.update(meta or {})
             if out_path is not None:
                 bank.save(out_path)
             payload = [("ok", bank.state_dict())]
@@ -528,6 +552,8 @@ def build_prototypes(
     device: torch.device | str | None = None,
     strided: bool = True,
     progress: bool = True,
+    meta: Mapping[str, Any] | None = None,
+    record_pool_peak: bool = False,
 ):
     """Build the prototype bank of ``plan``, sharded over the ranks (one process works as well).
 
@@ -544,6 +570,9 @@ def build_prototypes(
         device: where K-means runs on rank 0.
         strided: sharding of ``plan`` (see :func:`shard_indices`).
         progress: progress bars on rank 0.
+        meta: extra metadata stored in the bank (see :func:`build_distributed`).
+        record_pool_peak: store ``meta["pool_peak_bytes"]``: the most pool memory one rank held while
+            adding (bytes, the maximum over ranks; so it depends on the world size).
 
     Returns:
         The :class:`~lpcam_core.bank.PrototypeBank`, on every rank.
@@ -558,6 +587,7 @@ def build_prototypes(
     builder = PrototypeBuilder(num_classes, config, class_names=class_names)
     indices = shard_indices(len(plan), strided=strided)
     show = progress and rank() == 0
+    peak = 0
     for index in tqdm(indices, desc="prototype features", disable=not show, leave=False):
         item = plan[index]
         if not isinstance(item, ClusterItem):
@@ -566,10 +596,17 @@ def build_prototypes(
         if item.classes is not None:
             cams, keys = select_classes(cams, keys, item.classes, image_id=item.image_id)
         builder.add(features, cams, keys, index=index)
+        peak = max(peak, builder.bytes_held)
     logger.info(
-        "rank %d: %d images added, pools hold %.1f MiB", rank(), builder.images_seen, builder.bytes_held / 2**20
+        "rank %d: %d images added, pools hold %.1f MiB (peak %.1f MiB)",
+        rank(), builder.images_seen, builder.bytes_held / 2**20, peak / 2**20,
     )
-    return build_distributed(builder, classifier_weight, bias, out_path=out_path, device=device, progress=progress)
+    extra = dict(meta or {})
+    if record_pool_peak:
+        extra["pool_peak_bytes"] = max(int(p) for p in all_gather(peak))
+    return build_distributed(
+        builder, classifier_weight, bias, out_path=out_path, device=device, progress=progress, meta=extra
+    )
 
 
 # --------------------------------------------------------------------------- map generation

@@ -360,3 +360,68 @@ def test_baseline_record_refuses_another_checkpoint(mini, tmp_path, caplog):
     with caplog.at_level("WARNING"):
         _irn_family.check_baseline_record(tmp_path / "old", rec_a)
     assert "without a record" in caplog.text
+
+
+@pytest.mark.parametrize("host", ["irn", "amn"])
+def test_torchrun_with_spawned_workers_is_refused(host, monkeypatch, tmp_path, capsys):
+    from lpcam_core import cli
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = [host, "make", "--host", str(tmp_path), "--voc12-root", "v", "--weights", "w", "--bank", "b",
+            "--out", str(tmp_path / "o"), "--workers", "2"]
+    with pytest.raises(SystemExit) as err:
+        cli.main(argv)
+    assert err.value.code == 2
+    message = capsys.readouterr().err
+    assert "--workers 2" in message and "torchrun" in message
+
+
+def test_without_torchrun_nothing_distributed_is_imported():
+    import subprocess
+
+    code = ("import sys; from lpcam_adapters import _irn_family; "
+            "assert _irn_family.init_torchrun(4) is None; print('lpcam_core.distributed' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.parametrize("preset", ["voc", "coco"])
+def test_sharded_drivers_in_one_process_equal_the_plain_ones(mini, tmp_path, monkeypatch, preset):
+    """The torchrun drivers, without a process group (world size 1): the same bank (COCO-style
+    per-class draws too) and the same files as build_bank / baseline_pass / lpcam_pass."""
+    monkeypatch.setattr(_irn_family, "image_ids", lambda dataset: [it["name"] for it in dataset.items])
+    model = mini.MiniCAM().eval()
+    _irn_family.baseline_pass(model, mini.MiniMSF(), tmp_path / "base")
+    sharded = _irn_family.sharded_baseline_pass(model, mini.MiniMSF(), tmp_path / "base_sharded", torch.device("cpu"))
+    assert sharded.written == 4
+    names = [it["name"] for it in mini.MiniMSF().items]
+    for name in names:
+        a, b = load(tmp_path / "base" / f"{name}.npy"), load(tmp_path / "base_sharded" / f"{name}.npy")
+        assert torch.equal(a["keys"], b["keys"]) and torch.equal(a["cam"], b["cam"])
+        assert np.array_equal(a["high_res"], b["high_res"])
+    cfg = LPCAMConfig.preset(preset, num_clusters=2, context_low=0.0, fallback_best_center=True,
+                             **({"images_per_class": 3} if preset == "coco" else {}))
+    settings = _irn_family.AdapterSettings(lpcam=cfg)
+    weight = _irn_family.classifier_weight(model)
+    plain = _irn_family.build_bank(model, mini.MiniSingle(), tmp_path / "base", settings, weight,
+                                   bank_path=tmp_path / "plain.pt", extra_meta={"host": "mini"})
+    bank = _irn_family.build_bank_sharded(model, mini.MiniSingle(), tmp_path / "base", settings, weight,
+                                          torch.device("cpu"), bank_path=tmp_path / "sharded.pt",
+                                          extra_meta={"host": "mini"})
+    assert (tmp_path / "sharded.pt").read_bytes() == (tmp_path / "plain.pt").read_bytes()
+    present = {k for it in mini.MiniMSF().items for k in torch.nonzero(it["label"])[:, 0].tolist()}
+    assert bank.meta == plain.meta and bank.meta["images_seen"] == (3 * len(present) if preset == "coco" else 4)
+    _irn_family.lpcam_pass(model, mini.MiniMSF(), tmp_path / "plain.pt", tmp_path / "lpcam")
+    _irn_family.sharded_lpcam_pass(model, mini.MiniMSF(), tmp_path / "sharded.pt", tmp_path / "lpcam_sharded",
+                                   torch.device("cpu"), read_dirs=[tmp_path / "base"])
+    for name in names:
+        a, b = load(tmp_path / "lpcam" / f"{name}.npy"), load(tmp_path / "lpcam_sharded" / f"{name}.npy")
+        assert torch.equal(a["cam"], b["cam"]) and np.array_equal(a["high_res"], b["high_res"])
+    again = _irn_family.sharded_lpcam_pass(model, mini.MiniMSF(), tmp_path / "sharded.pt", tmp_path / "lpcam_sharded",
+                                           torch.device("cpu"))
+    assert again.skipped == 4 and again.written == 0
+    with pytest.raises(ValueError, match="same directory"):
+        _irn_family.sharded_lpcam_pass(model, mini.MiniMSF(), tmp_path / "sharded.pt", tmp_path / "base",
+                                       torch.device("cpu"), read_dirs=[tmp_path / "base"])

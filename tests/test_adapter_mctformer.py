@@ -529,6 +529,12 @@ def test_cli_parses_steps_into_settings(monkeypatch):
     args = parser.parse_args(["mctformer", "make", "--host", "H"])
     with pytest.raises(ValueError, match="main.py arguments"):
         args.func(args)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = parser.parse_args(["mctformer", "make", "--host", "H", "--", "--x"])
+    with pytest.raises(ValueError, match="does not run under torchrun.*one process"):
+        args.func(args)
+    assert len(calls) == 3
 
 
 def test_run_host_main_restores_argv_path_and_env(tmp_path, monkeypatch):

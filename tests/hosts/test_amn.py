@@ -357,3 +357,57 @@ def test_cli_prototypes_and_make(amn, stage_b):
     small = amn["ids"][:3]
     amn["kit"].compare_dirs(work / "result" / "amn_cam_cli", work / "result" / "amn_cam", small)
     amn["kit"].compare_dirs(work / "result" / "amn_cam_cli_base", work / "result" / "amn_cam_baseline", small)
+
+
+def _banks_equal(bank, plain, *, same_peak: bool) -> None:
+    """Same prototypes and metadata; ``pool_peak_bytes`` is what one process held (less with 2)."""
+    assert bank.classes == plain.classes and plain.classes
+    for key in plain.classes:
+        assert torch.equal(bank.foreground[key], plain.foreground[key])
+        assert torch.equal(bank.context[key], plain.context[key])
+    peak = bank.meta.pop("pool_peak_bytes")
+    if same_peak:
+        assert peak == plain.meta["pool_peak_bytes"]
+    else:
+        assert 0 < peak < plain.meta["pool_peak_bytes"]
+    assert bank.meta == {k: v for k, v in plain.meta.items() if k != "pool_peak_bytes"}
+
+
+@pytest.mark.slow  # ten CLI processes, some under torchrun: about a minute and a half on 2 CPU cores
+def test_cli_under_torchrun_equals_one_process(amn):
+    """`lpcam amn prototypes|make` under torchrun with 1 and 2 processes: the banks and the map files equal
+    the plain CLI's, bit for bit (raw features: per-class pools merged); a rerun keeps complete files."""
+    from lpcam_core import PrototypeBank
+
+    work, kit = amn["work"], amn["kit"]
+    ids = amn["ids"][:7]  # odd: the two ranks get 4 and 3 images
+    (work / "voc12" / "seven.txt").write_text("\n".join(ids) + "\n")
+    common = ["--host", str(work), "--voc12-root", str(amn["root"]), "--weights", "sess/res50_amn.pth",
+              "--ir-label-dir", "result/ir_label", "--list", "voc12/seven.txt"]
+    launchers = {"plain": [sys.executable, "-m", "lpcam_core.cli"],
+                 "tr1": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                         "-m", "lpcam_core.cli"],
+                 "tr2": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                         "-m", "lpcam_core.cli"]}
+    root = work / "result" / "torchrun"
+    for name, launch in launchers.items():
+        out = root / name
+        kit.run([*launch, "amn", "prototypes", *common, "--bank", str(out / "bank.pt")], work, amn["env"])
+        kit.run([*launch, "amn", "make", *common, "--bank", str(out / "bank.pt"), "--out", str(out / "cam")],
+                work, amn["env"])
+        if name != "tr1":  # raw features: one builder per class, each merged over the ranks
+            kit.run([*launch, "amn", "prototypes", *common, "--features", "raw", "--split", "ir_label",
+                     "--bank", str(out / "bank_raw.pt")], work, amn["env"])
+    plain = PrototypeBank.load(root / "plain" / "bank.pt")
+    for name in ("tr1", "tr2"):
+        kit.compare_dirs(root / name / "bank_baseline", root / "plain" / "bank_baseline", ids)
+        kit.compare_dirs(root / name / "cam", root / "plain" / "cam", ids)
+        _banks_equal(PrototypeBank.load(root / name / "bank.pt"), plain, same_peak=name == "tr1")
+    _banks_equal(PrototypeBank.load(root / "tr2" / "bank_raw.pt"), PrototypeBank.load(root / "plain" / "bank_raw.pt"),
+                 same_peak=False)
+
+    (root / "tr2" / "cam" / f"{ids[0]}.npy").unlink()
+    again = kit.run([*launchers["tr2"], "amn", "make", *common, "--bank", str(root / "tr2" / "bank.pt"),
+                     "--out", str(root / "tr2" / "cam")], work, amn["env"])
+    assert "1 written, 6 already complete, 7 ids, 2 process(es)" in again.stderr, again.stderr[-3000:]
+    kit.compare_dirs(root / "tr2" / "cam", root / "plain" / "cam", ids)

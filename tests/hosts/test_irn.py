@@ -176,3 +176,53 @@ def test_cli_prototypes_then_make(irn):
 def test_irn_checkout_untouched(irn):
     assert irn["kit"].git_status(irn["host"]) == irn["before"]
     assert irn["before"] == "", f"the IRN checkout was not clean before the tests:\n{irn['before']}"
+
+
+def torchrun_cli(nproc: int) -> list[str]:
+    """``torchrun --nproc_per_node nproc -m lpcam_core.cli`` (a free rendezvous port)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "lpcam_core.cli"]
+
+
+@pytest.mark.slow  # eight CLI processes, some under torchrun: about a minute on 2 CPU cores
+def test_cli_under_torchrun_equals_one_process(irn):
+    """`lpcam irn prototypes|make` under torchrun with 1 and 2 processes: the bank and the map files equal
+    the plain CLI's, bit for bit; a rerun keeps complete files and reuses the bank."""
+    from lpcam_core import PrototypeBank
+
+    work, kit = irn["work"], irn["kit"]
+    ids = irn["ids"][:7]  # odd: the two ranks get 4 and 3 images
+    (work / "voc12" / "seven.txt").write_text("\n".join(ids) + "\n")
+    common = ["--host", str(work), "--voc12-root", str(irn["root"]), "--weights", str(work / "sess" / "res50_cam.pth"),
+              "--list", "voc12/seven.txt"]
+    env = {**irn["env"], "LPCAM_K": "2", "OMP_NUM_THREADS": "1"}  # one thread everywhere: identical CPU rounding
+    runs = {"plain": [sys.executable, "-m", "lpcam_core.cli"], "tr1": torchrun_cli(1), "tr2": torchrun_cli(2)}
+    for name, launch in runs.items():
+        out = work / "torchrun" / name
+        kit.run([*launch, "irn", "prototypes", *common, "--bank", str(out / "bank.pt")], work, env)
+        kit.run([*launch, "irn", "make", *common, "--bank", str(out / "bank.pt"), "--out", str(out / "cam")], work, env)
+    root = work / "torchrun"
+    plain = PrototypeBank.load(root / "plain" / "bank.pt")
+    for name in ("tr1", "tr2"):
+        kit.compare_dirs(root / name / "bank_baseline", root / "plain" / "bank_baseline", ids)
+        kit.compare_dirs(root / name / "cam", root / "plain" / "cam", ids)
+        bank = PrototypeBank.load(root / name / "bank.pt")
+        assert bank.classes == plain.classes and plain.classes
+        for key in plain.classes:
+            assert torch.equal(bank.foreground[key], plain.foreground[key])
+            assert torch.equal(bank.context[key], plain.context[key])
+        # pool_peak_bytes is what one process held: the same with 1 process, less with 2
+        peak = bank.meta.pop("pool_peak_bytes")
+        assert (peak == plain.meta["pool_peak_bytes"]) if name == "tr1" else (0 < peak < plain.meta["pool_peak_bytes"])
+        assert bank.meta == {k: v for k, v in plain.meta.items() if k != "pool_peak_bytes"}
+    assert (root / "tr1" / "bank.pt").read_bytes() == (root / "plain" / "bank.pt").read_bytes()
+
+    # rerun with 2 processes: the bank is reused, complete map files are kept, a missing one is written
+    (root / "tr2" / "cam" / f"{ids[3]}.npy").unlink()
+    again = kit.run([*runs["tr2"], "irn", "prototypes", *common, "--bank", str(root / "tr2" / "bank.pt")], work, env)
+    assert "reusing the prototype bank" in again.stderr
+    again = kit.run([*runs["tr2"], "irn", "make", *common, "--bank", str(root / "tr2" / "bank.pt"),
+                     "--out", str(root / "tr2" / "cam")], work, env)
+    assert "1 written, 6 already complete, 7 ids, 2 process(es)" in again.stderr, again.stderr[-3000:]
+    assert again.stderr.count("LPCAM maps of 7 images written") == 1  # rank 0 only
+    kit.compare_dirs(root / "tr2" / "cam", root / "plain" / "cam", ids)

@@ -136,3 +136,36 @@ def test_plain_make_cam_in_spawned_workers_and_the_classifier_setting(recam):
 def test_recam_checkout_untouched(recam):
     assert recam["kit"].git_status(recam["host"]) == recam["before"]
     assert recam["before"] == "", f"the ReCAM checkout was not clean before the tests:\n{recam['before']}"
+
+
+@pytest.mark.slow  # five CLI processes, three under torchrun: about a minute on 2 CPU cores
+def test_cli_under_torchrun_equals_one_process(recam):
+    """`lpcam recam prototypes|make` (ReCAM's forward2 maps) in 2 torchrun processes: the bank, the
+    baseline files and the LPCAM files equal the plain CLI's, bit for bit; `make --baseline` as well."""
+    from lpcam_core import PrototypeBank
+
+    work, kit = recam["work"], recam["kit"]
+    ids = recam["ids"][:5]
+    (work / "voc12" / "five.txt").write_text("\n".join(ids) + "\n")
+    common = ["--host", str(work), "--voc12-root", str(recam["root"]), "--recam-weight-dir", "ws/recam_weight",
+              "--list", "voc12/five.txt"]
+    env = {**recam["env"], "LPCAM_K": "2", "OMP_NUM_THREADS": "1"}  # one thread everywhere: identical CPU rounding
+    root = work / "ws" / "torchrun"
+    launchers = {"plain": [sys.executable, "-m", "lpcam_core.cli"],
+                 "tr2": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                         "-m", "lpcam_core.cli"]}
+    for name, launch in launchers.items():
+        bank = str(root / name / "bank.pt")
+        kit.run([*launch, "recam", "prototypes", *common, "--bank", bank], work, env)
+        kit.run([*launch, "recam", "make", *common, "--bank", bank, "--out", str(root / name / "cam")], work, env)
+    kit.run([*launchers["tr2"], "recam", "make", *common, "--baseline", "--out", str(root / "tr2" / "base")], work, env)
+    kit.compare_dirs(root / "tr2" / "bank_baseline", root / "plain" / "bank_baseline", ids)
+    kit.compare_dirs(root / "tr2" / "base", root / "plain" / "bank_baseline", ids)
+    kit.compare_dirs(root / "tr2" / "cam", root / "plain" / "cam", ids)
+    a, b = PrototypeBank.load(root / "tr2" / "bank.pt"), PrototypeBank.load(root / "plain" / "bank.pt")
+    assert a.classes == b.classes and b.classes
+    for key in b.classes:
+        assert torch.equal(a.foreground[key], b.foreground[key]) and torch.equal(a.context[key], b.context[key])
+    assert a.meta["recam_classifier"] == "recam"
+    a.meta.pop("pool_peak_bytes"), b.meta.pop("pool_peak_bytes")
+    assert a.meta == b.meta
