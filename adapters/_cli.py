@@ -30,7 +30,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "apply_patch", "patch_text"]
+__all__ = ["register", "apply_patch", "apply_hunks", "patch_text", "add_patch_parser", "add_process_options",
+           "add_prototypes_options", "add_make_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,12 @@ def apply_patch(host_dir: str | os.PathLike, host: str, *, revert: bool = False,
     path = Path(host_dir) / target
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {host_dir} a {_HOSTS[host]} checkout?")
+    return apply_hunks(path, hunks, f"{host}.patch", revert=revert, check=check)
+
+
+def apply_hunks(path: Path, hunks: list[tuple[int, list[str], list[str]]], patch_name: str, *,
+                revert: bool = False, check: bool = False) -> str:
+    """Apply (or revert) parsed hunks to ``path``; the status strings of :func:`apply_patch`."""
     raw = path.read_text(encoding="utf-8")
     newline = "\r\n" if "\r\n" in raw else "\n"
     lines = raw.splitlines()
@@ -115,7 +122,7 @@ def apply_patch(host_dir: str | os.PathLike, host: str, *, revert: bool = False,
         at_old = _find(lines, old, start - 1)
         if at_old is None:
             added = next((line for line in new if line not in old), "")
-            raise ValueError(f"{path}: does not match {host}.patch near line {start}; "
+            raise ValueError(f"{path}: does not match {patch_name} near line {start}; "
                              f"edit it by hand: the patch adds `{added}` as the first line")
         if not revert:
             lines[at_old:at_old + len(old)] = new
@@ -348,16 +355,48 @@ def _common(p: argparse.ArgumentParser, host: str, *, bank_required: bool) -> No
     p.add_argument("--network", default="net.resnet50_cam", help="host network module (args.cam_network)")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.5, 1.5, 2.0], help="inference scales")
     p.add_argument("--config", help="YAML of LPCAM settings (as LPCAM_CONFIG)")
-    p.add_argument("--workers", type=int, help="spawned processes (default: one per GPU; 0: in-process); "
-                   "not with torchrun, which launches the processes itself")
-    p.add_argument("--device", help="device for in-process work (under torchrun: default cuda:LOCAL_RANK, or CPU)")
-    p.add_argument("--loader-workers", type=int, default=0, help="DataLoader workers per process")
+    add_process_options(p)
     if host == "recam":
         p.add_argument("--recam-weight-dir", help="ReCAM's recam_weight dir (res50_recam_<N>.pth, recam_predictor_<N>.pth)")
         p.add_argument("--recam-epochs", type=int, default=4, help="N of those files (args.recam_num_epoches)")
         p.add_argument("--plain-cam", action="store_true", help="make_cam's plain CAM model (--weights) instead of ReCAM's")
         p.add_argument("--classifier", choices=("recam", "cls"), help="classifier scoring the prototypes")
         p.add_argument("--backbone", choices=("recam", "cam"), help="backbone giving the features")
+
+
+def add_patch_parser(sub: Any, adapter: str, target: str, checkout: str, **defaults: Any) -> argparse.ArgumentParser:
+    """The ``patch HOST_DIR [--revert] [--check]`` step adding ``import lpcam_adapters.<adapter>`` to ``target``."""
+    pp = sub.add_parser("patch", help=f"add `import lpcam_adapters.{adapter}` to HOST_DIR/{target}")
+    pp.add_argument("host_dir", help=checkout)
+    pp.add_argument("--revert", action="store_true", help="remove the line")
+    pp.add_argument("--check", action="store_true", help="only say what would change")
+    pp.set_defaults(**defaults)
+    return pp
+
+
+def add_process_options(p: argparse.ArgumentParser) -> None:
+    """``--workers``, ``--device``, ``--loader-workers`` of the ``prototypes`` and ``make`` steps."""
+    p.add_argument("--workers", type=int, help="spawned processes (default: one per GPU; 0: in-process); "
+                   "not with torchrun, which launches the processes itself")
+    p.add_argument("--device", help="device for in-process work (under torchrun: default cuda:LOCAL_RANK, or CPU)")
+    p.add_argument("--loader-workers", type=int, default=0, help="DataLoader workers per process")
+
+
+def add_prototypes_options(p: argparse.ArgumentParser, *, baseline_dir_help: str) -> None:
+    """``--list``, ``--baseline-dir``, ``--rebuild`` of a ``prototypes`` step."""
+    p.add_argument("--list", default="voc12/train.txt", help="prototype image list (relative to --host)")
+    p.add_argument("--baseline-dir", help=baseline_dir_help)
+    p.add_argument("--rebuild", action="store_true", help="rebuild even when a matching bank exists")
+
+
+def add_make_options(p: argparse.ArgumentParser, *, out_help: str, baseline_help: str) -> None:
+    """``--list``, ``--out``, ``--baseline``, ``--overwrite`` of a ``make`` step."""
+    p.add_argument("--list", default="voc12/train_aug.txt", help="image list (relative to --host)")
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--baseline", action="store_true", help=baseline_help)
+    p.add_argument("--overwrite", action="store_true",
+                   help="under torchrun: recompute maps that already exist (default: keep complete files, so a "
+                        "restarted job resumes); without torchrun every map is written anyway")
 
 
 def register(subparsers: Any) -> None:
@@ -369,27 +408,17 @@ def register(subparsers: Any) -> None:
         hp.set_defaults(func=_cmd_explain, host_name=host)
         sub = hp.add_subparsers(dest="host_command", metavar="STEP")
 
-        pp = sub.add_parser("patch", help=f"add `import lpcam_adapters.{host}` to HOST_DIR/run_sample.py")
-        pp.add_argument("host_dir", help="host checkout")
-        pp.add_argument("--revert", action="store_true", help="remove the line")
-        pp.add_argument("--check", action="store_true", help="only say what would change")
-        pp.set_defaults(func=_cmd_patch, host_name=host)
+        add_patch_parser(sub, host, "run_sample.py", "host checkout", func=_cmd_patch, host_name=host)
 
         pr = sub.add_parser("prototypes", help="baseline CAM of the prototype list and the prototype bank")
         _common(pr, host, bank_required=True)
-        pr.add_argument("--list", default="voc12/train.txt", help="prototype image list (relative to --host)")
-        pr.add_argument("--baseline-dir", help="baseline CAM directory (default <bank>_baseline)")
-        pr.add_argument("--rebuild", action="store_true", help="rebuild even when a matching bank exists")
+        add_prototypes_options(pr, baseline_dir_help="baseline CAM directory (default <bank>_baseline)")
         pr.set_defaults(func=_cmd_prototypes, host_name=host)
 
         mk = sub.add_parser("make", help="LPCAM maps (or --baseline CAM maps) in the host's file format")
         _common(mk, host, bank_required=False)
-        mk.add_argument("--list", default="voc12/train_aug.txt", help="image list (relative to --host)")
-        mk.add_argument("--out", required=True, help="output directory (the host's cam_out_dir)")
-        mk.add_argument("--baseline", action="store_true", help="the host's own CAM maps instead of LPCAM")
-        mk.add_argument("--overwrite", action="store_true",
-                        help="under torchrun: recompute maps that already exist (default: keep complete files, so a "
-                             "restarted job resumes); without torchrun every map is written anyway")
+        add_make_options(mk, out_help="output directory (the host's cam_out_dir)",
+                         baseline_help="the host's own CAM maps instead of LPCAM")
         mk.set_defaults(func=_cmd_make, host_name=host)
 
     # [AMN adapter] `lpcam amn ...` lives in lpcam_adapters._cli_amn (added by the AMN engineer).

@@ -28,6 +28,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from . import _amn_choices as choices  # torch-free: building the parser must not import lpcam_adapters.amn
+from ._cli import (
+    _in_host,
+    _parse_patch,
+    add_make_options,
+    add_patch_parser,
+    add_process_options,
+    add_prototypes_options,
+    apply_hunks,
+)
+
 __all__ = ["register", "apply_amn_patch", "patch_text"]
 
 logger = logging.getLogger(__name__)
@@ -51,38 +62,11 @@ def apply_amn_patch(host_dir: str | os.PathLike, *, revert: bool = False, check:
     Raises:
         FileNotFoundError: no ``run_sample.py``. ValueError: the file differs from what the patch expects.
     """
-    from ._cli import _find, _parse_patch
-
     target, hunks = _parse_patch(patch_text())
     path = Path(host_dir) / target
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {host_dir} an AMN (gaviotas/AMN) checkout?")
-    raw = path.read_text(encoding="utf-8")
-    newline = "\r\n" if "\r\n" in raw else "\n"
-    lines = raw.splitlines()
-    changed = False
-    for start, old, new in reversed(hunks):
-        at_new = _find(lines, new, start - 1)
-        if at_new is not None:
-            if revert:
-                lines[at_new : at_new + len(new)] = old
-                changed = True
-            continue
-        at_old = _find(lines, old, start - 1)
-        if at_old is None:
-            added = next((line for line in new if line not in old), "")
-            raise ValueError(f"{path}: does not match amn.patch near line {start}; "
-                             f"edit it by hand: the patch adds `{added}` as the first line")
-        if not revert:
-            lines[at_old : at_old + len(old)] = new
-            changed = True
-    if not changed:
-        return "not applied" if revert else "already applied"
-    status = "reverted" if revert else "applied"
-    if check:
-        return f"would be {status}"
-    path.write_text(newline.join(lines) + (newline if raw.endswith(("\n", "\r")) else ""), encoding="utf-8")
-    return status
+    return apply_hunks(path, hunks, "amn.patch", revert=revert, check=check)
 
 
 # --------------------------------------------------------------------------- commands
@@ -119,7 +103,7 @@ def _model(ns: argparse.Namespace) -> Any:
 
 
 def _cmd_prototypes(ns: argparse.Namespace) -> int:
-    from . import _cli, _irn_family, amn
+    from . import _irn_family, amn
 
     if not ns.ir_label_dir:
         raise ValueError("--ir-label-dir is required: the stage-(a) ir_label PNGs split the pools or normalise AMN's maps")
@@ -131,7 +115,7 @@ def _cmd_prototypes(ns: argparse.Namespace) -> int:
     voc = os.path.abspath(ns.voc12_root)
     ctx = _irn_family.init_torchrun(settings.base.workers)
     try:
-        with _cli._in_host(ns.host):
+        with _in_host(ns.host):
             importlib.import_module("lpcam_adapters.amn")
             model = _model(ns)
             loader = importlib.import_module("voc12.dataloader")
@@ -173,7 +157,7 @@ def _cmd_prototypes(ns: argparse.Namespace) -> int:
 
 
 def _cmd_make(ns: argparse.Namespace) -> int:
-    from . import _cli, _irn_family, amn
+    from . import _irn_family, amn
 
     settings = _settings(ns)
     if ns.baseline and not ns.ir_label_dir:
@@ -185,7 +169,7 @@ def _cmd_make(ns: argparse.Namespace) -> int:
     out = os.path.abspath(ns.out)
     ctx = _irn_family.init_torchrun(settings.base.workers)
     try:
-        with _cli._in_host(ns.host):
+        with _in_host(ns.host):
             importlib.import_module("lpcam_adapters.amn")
             model = _model(ns)
             loader = importlib.import_module("voc12.dataloader")
@@ -243,8 +227,6 @@ def _cmd_explain(ns: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser, *, bank_required: bool) -> None:
-    from . import amn
-
     p.add_argument("--host", required=True, help="AMN checkout (run from its root: voc12/cls_labels.npy is read there)")
     p.add_argument("--voc12-root", required=True, help="VOC2012 root holding JPEGImages/")
     p.add_argument("--weights", required=True, help="AMN checkpoint file (train_amn writes sess/res50_amn.pth)")
@@ -253,15 +235,12 @@ def _common(p: argparse.ArgumentParser, *, bank_required: bool) -> None:
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.5, 1.5, 2.0], help="inference scales")
     p.add_argument("--ir-label-dir", help="stage-(a) ir_label PNGs (AMN's --ir_label_out_dir)")
     p.add_argument("--config", help="YAML of LPCAM settings (as LPCAM_CONFIG; an `amn:` section holds the choices)")
-    p.add_argument("--features", choices=amn.FEATURES, help="conditioned (default) or raw stage4 features")
-    p.add_argument("--classifier", choices=amn.CLASSIFIERS, help="ASPP taps scoring the prototypes (default all_taps)")
-    p.add_argument("--softmax", type=int, choices=amn.SOFTMAX_WAYS, help="20 (default) or 21-way scoring softmax")
-    p.add_argument("--split", choices=amn.SPLITS, help="what splits the pools: amn_cam (default) or ir_label")
-    p.add_argument("--background", choices=amn.BACKGROUNDS, help="channel 0 of the files (default one_minus_max)")
-    p.add_argument("--workers", type=int, help="spawned processes (default: one per GPU; 0: in-process); "
-                   "not with torchrun, which launches the processes itself")
-    p.add_argument("--device", help="device for in-process work (under torchrun: default cuda:LOCAL_RANK, or CPU)")
-    p.add_argument("--loader-workers", type=int, default=0, help="DataLoader workers per process")
+    p.add_argument("--features", choices=choices.FEATURES, help="conditioned (default) or raw stage4 features")
+    p.add_argument("--classifier", choices=choices.CLASSIFIERS, help="ASPP taps scoring the prototypes (default all_taps)")
+    p.add_argument("--softmax", type=int, choices=choices.SOFTMAX_WAYS, help="20 (default) or 21-way scoring softmax")
+    p.add_argument("--split", choices=choices.SPLITS, help="what splits the pools: amn_cam (default) or ir_label")
+    p.add_argument("--background", choices=choices.BACKGROUNDS, help="channel 0 of the files (default one_minus_max)")
+    add_process_options(p)
 
 
 def register(subparsers: Any) -> None:
@@ -272,25 +251,15 @@ def register(subparsers: Any) -> None:
     hp.set_defaults(func=_cmd_explain)
     sub = hp.add_subparsers(dest="host_command", metavar="STEP")
 
-    pp = sub.add_parser("patch", help="add `import lpcam_adapters.amn` to HOST_DIR/run_sample.py")
-    pp.add_argument("host_dir", help="AMN checkout")
-    pp.add_argument("--revert", action="store_true", help="remove the line")
-    pp.add_argument("--check", action="store_true", help="only say what would change")
-    pp.set_defaults(func=_cmd_patch)
+    add_patch_parser(sub, "amn", "run_sample.py", "AMN checkout", func=_cmd_patch)
 
     pr = sub.add_parser("prototypes", help="AMN's maps of the prototype list and the stage-(b) prototype bank")
     _common(pr, bank_required=True)
-    pr.add_argument("--list", default="voc12/train.txt", help="prototype image list (relative to --host)")
-    pr.add_argument("--baseline-dir", help="AMN's own maps of the list (default <bank>_baseline)")
-    pr.add_argument("--rebuild", action="store_true", help="rebuild even when a matching bank exists")
+    add_prototypes_options(pr, baseline_dir_help="AMN's own maps of the list (default <bank>_baseline)")
     pr.set_defaults(func=_cmd_prototypes)
 
     mk = sub.add_parser("make", help="LPCAM maps (or --baseline AMN maps) in AMN's stage-(b) format")
     _common(mk, bank_required=False)
-    mk.add_argument("--list", default="voc12/train_aug.txt", help="image list (relative to --host)")
-    mk.add_argument("--out", required=True, help="output directory (AMN's amn_cam_out_dir)")
-    mk.add_argument("--baseline", action="store_true", help="AMN's own maps (Dropout off) instead of LPCAM")
-    mk.add_argument("--overwrite", action="store_true",
-                    help="under torchrun: recompute maps that already exist (default: keep complete files, so a "
-                         "restarted job resumes); without torchrun every map is written anyway")
+    add_make_options(mk, out_help="output directory (AMN's amn_cam_out_dir)",
+                     baseline_help="AMN's own maps (Dropout off) instead of LPCAM")
     mk.set_defaults(func=_cmd_make)

@@ -30,6 +30,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ._cli import add_patch_parser
+
 __all__ = ["register", "patch_text", "apply_patch", "main_args"]
 
 _PATCH = "mctformer.patch"
@@ -195,11 +197,7 @@ def register(subparsers: Any) -> None:
     hp.set_defaults(func=_cmd_explain, parser=hp)
     sub = hp.add_subparsers(dest="host_command", metavar="STEP")
 
-    pp = sub.add_parser("patch", help="add `import lpcam_adapters.mctformer` to HOST_DIR/main.py")
-    pp.add_argument("host_dir", help="MCTformer checkout")
-    pp.add_argument("--revert", action="store_true", help="remove the line")
-    pp.add_argument("--check", action="store_true", help="only say what would change")
-    pp.set_defaults(func=_cmd_patch)
+    add_patch_parser(sub, "mctformer", "main.py", "MCTformer checkout", func=_cmd_patch)
 
     pr = sub.add_parser("prototypes", help="baseline maps of the prototype list and the prototype bank, then stop")
     _common(pr)

@@ -11,6 +11,11 @@ Every shim is a named patch or stand-in registered through :mod:`lpcam_adapters.
 * ``<module>:np``: numpy's removed aliases (``np.int``, ``np.float``, ``np.bool``,
   ``np.object``, ``np.str``) for the host modules that use them, local to those modules
   (numpy itself is changed only while such a module's code executes).
+* ``step.make_sem_seg_labels:np`` (and ``make_ins_seg_labels``, ReCAM's ``step_coco`` copy):
+  ``np.asarray(pack['size'])`` of a DataLoader batch (a list of two one-element tensors) is
+  [2, 1] on numpy 2 / torch 2, whose rows numpy refuses as slice bounds (``TypeError: only
+  integer scalar arrays can be converted to a scalar index``); the module gets a numpy whose
+  ``asarray`` turns such a list into the 1-D ``[h, w]`` (:func:`asarray_collated`), nothing else.
 * ``net.resnet50:resnet50``: no ImageNet download when a checkpoint is loaded right after
   (inside :func:`checkpoint_follows`) or always with ``LPCAM_NO_PRETRAINED=1``.
 * ``step.make_sem_seg_labels:run`` (and ``make_ins_seg_labels``): IRN's untyped numeric flags
@@ -46,6 +51,8 @@ __all__ = [
     "checkpoint_follows",
     "skip_pretrained",
     "numpy_with_aliases",
+    "asarray_collated",
+    "numpy_with_collated_asarray",
     "torch_with_cpu_load",
     "VOCSemanticSegmentationDataset",
     "calc_semantic_segmentation_confusion",
@@ -71,6 +78,8 @@ _NUMPY_ALIASES: dict[str, Any] = {
 # Host modules that use the aliases: misc.pyutils at import (np.bool default argument),
 # the ReCAM/LPCAM voc12.dataloader at call time (np.int, np.str).
 _ALIAS_MODULES = ("misc.pyutils", "voc12.dataloader")
+# Host steps that slice with np.asarray(pack['size']) of a batch of one.
+_COLLATED_SIZE_MODULES = ("step.make_sem_seg_labels", "step.make_ins_seg_labels", "step_coco.make_sem_seg_labels")
 # Host inference steps that call torch.load.
 _TORCH_LOAD_MODULES = ("step.make_cam", "step.make_recam", "step.make_sem_seg_labels", "step.make_ins_seg_labels")
 
@@ -165,6 +174,41 @@ def _make_numpy_alias(orig: Any, module: ModuleType) -> Any:
     if orig is not np:  # the module names something else "np": leave it
         return orig
     return numpy_with_aliases()
+
+
+# --------------------------------------------------------------------------- collated sizes
+
+
+def _one_element_tensor(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor) and value.ndim == 1 and value.numel() == 1
+
+
+def asarray_collated(a: Any, *args: Any, **kwargs: Any) -> np.ndarray:
+    """``np.asarray``, except that a list of one-element tensors (a batch of one, collated) is 1-D.
+
+    ``DataLoader`` collates ``(h, w)`` into ``[tensor([h]), tensor([w])]``; numpy 2 makes that a
+    [2, 1] array whose entries are not valid slice bounds. Here it becomes ``array([h, w])``.
+    """
+    if isinstance(a, (list, tuple)) and a and all(_one_element_tensor(v) for v in a):
+        a = [v.item() for v in a]
+    return np.asarray(a, *args, **kwargs)
+
+
+def numpy_with_collated_asarray(base: ModuleType = np) -> ModuleType:
+    """A module that is ``base`` (numpy) with ``asarray`` = :func:`asarray_collated`, for one host module."""
+    proxy = ModuleType("numpy", np.__doc__)
+    proxy.__dict__.update(base.__dict__)
+    proxy.asarray = asarray_collated  # type: ignore[attr-defined]
+    proxy.__lpcam_collated_asarray__ = True  # type: ignore[attr-defined]
+    return proxy
+
+
+def _make_collated_numpy(orig: Any, module: ModuleType) -> Any:
+    if not isinstance(orig, ModuleType) or orig.__name__ != "numpy":  # not numpy: leave it
+        return orig
+    return numpy_with_collated_asarray(orig)
 
 
 # --------------------------------------------------------------------------- ImageNet download
@@ -464,6 +508,14 @@ def register_irn_family() -> None:
             _make_resnet50,
             description=f"no ImageNet download when a checkpoint is loaded next (always with {ENV_NO_PRETRAINED}=1)",
         )
+        for name in _COLLATED_SIZE_MODULES:
+            _hooks.replace_attribute(
+                name,
+                "np",
+                _make_collated_numpy,
+                name="np_collated_size",
+                description="np.asarray(pack['size']) of a batch of one is [h, w] (numpy 2 refuses [2, 1] slice bounds)",
+            )
         for name in _TORCH_LOAD_MODULES:
             _hooks.replace_attribute(
                 name,

@@ -34,7 +34,6 @@ to the host's.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib
 import json
@@ -52,7 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import _compat
+from . import _compat, _settings
 
 __all__ = [
     "AdapterSettings",
@@ -82,15 +81,8 @@ NUM_CLASSES = 20
 # Environment variables read by settings_from_env (documented in the README and --explain).
 ENV_VARS: dict[str, str] = {
     "LPCAM": "1 (default) swaps CAM for LPCAM; 0/off/false runs the host's own CAM",
-    "LPCAM_CONFIG": "YAML file: LPCAMConfig keys (and `preset`) at top level, adapter keys under `adapter:`",
-    "LPCAM_PRESET": "voc (default) or coco: the paper's hyper-parameters",
-    "LPCAM_K": "clusters per pool (K)",
-    "LPCAM_TAU": "CAM threshold splitting class and context pools (tau)",
-    "LPCAM_MU": "sets both mu_f and mu_b",
-    "LPCAM_MU_F": "class prototype threshold (mu_f)",
-    "LPCAM_MU_B": "context prototype upper threshold (mu_b)",
-    "LPCAM_SEED": "seed of K-means and pool sampling",
-    "LPCAM_MEMORY_GB": "memory budget of the feature pools, GiB",
+    **_settings.core_env_vars(preset="voc (default) or coco: the paper's hyper-parameters",
+                              tau="CAM threshold splitting class and context pools (tau)"),
     "LPCAM_BANK": "prototype bank file (default <workspace>/lpcam_bank.pt)",
     "LPCAM_REBUILD_BANK": "1: rebuild the bank even when a matching one exists",
     "LPCAM_BASELINE_DIR": "baseline CAM directory (default <cam_out_dir>_baseline)",
@@ -103,30 +95,9 @@ ENV_VARS: dict[str, str] = {
     "LPCAM_LOG_LEVEL": "log level of lpcam's messages in host runs (default INFO)",
 }
 
-_FALSE = {"0", "off", "false", "no", "n", "f", ""}
-_TRUE = {"1", "on", "true", "yes", "y", "t"}
-
-
 # --------------------------------------------------------------------------- logging
 
-
-def configure_logging() -> None:
-    """Show lpcam's INFO messages in a host run (hosts print; they configure no logging).
-
-    Adds one stdout handler to the ``lpcam_adapters`` and ``lpcam_core`` loggers unless the
-    application configured logging itself. Level from ``LPCAM_LOG_LEVEL`` (default INFO).
-    """
-    if logging.getLogger().handlers:
-        return
-    level = os.environ.get("LPCAM_LOG_LEVEL", "INFO").upper()
-    for name in ("lpcam_adapters", "lpcam_core"):
-        log = logging.getLogger(name)
-        if not any(getattr(h, "_lpcam", False) for h in log.handlers):
-            handler = logging.StreamHandler(sys.stdout)
-            handler.setFormatter(logging.Formatter("[lpcam] %(message)s"))
-            handler._lpcam = True  # type: ignore[attr-defined]
-            log.addHandler(handler)
-        log.setLevel(level)
+configure_logging = _settings.configure_logging
 
 
 # --------------------------------------------------------------------------- settings
@@ -175,7 +146,8 @@ class AdapterSettings:
             raise ValueError(f"workers={self.workers}: expected >= 0")
 
 
-_ADAPTER_KEYS = {
+#: Keys of the YAML's ``adapter:`` section -> :class:`AdapterSettings` fields.
+ADAPTER_KEYS = {
     "enabled": "enabled",
     "bank": "bank_path",
     "bank_path": "bank_path",
@@ -189,24 +161,6 @@ _ADAPTER_KEYS = {
 }
 
 
-def _bool(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ValueError(f"{name}={value!r}: expected 1/0, true/false, on/off")
-
-
-def _number(value: str, kind: type, name: str) -> Any:
-    try:
-        return kind(value)
-    except ValueError:
-        raise ValueError(f"{name}={value!r}: expected {'an integer' if kind is int else 'a number'}") from None
-
-
 def settings_from_env(environ: Mapping[str, str] | None = None) -> AdapterSettings:
     """Fill :class:`AdapterSettings` from the preset, then ``LPCAM_CONFIG`` YAML, then variables.
 
@@ -216,70 +170,19 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> AdapterSettin
     Raises:
         ValueError: a malformed value or an unknown YAML key, naming it.
     """
-    import yaml
-
-    from lpcam_core import LPCAMConfig
-
     env = dict(os.environ if environ is None else environ)
-    core: dict[str, Any] = {}
-    adapter: dict[str, Any] = {}
-    preset = env.get("LPCAM_PRESET")
-    yaml_path = env.get("LPCAM_CONFIG")
-    if yaml_path:
-        try:
-            with open(yaml_path, encoding="utf-8") as handle:
-                data = yaml.safe_load(handle) or {}
-        except FileNotFoundError:
-            raise FileNotFoundError(f"LPCAM_CONFIG={yaml_path}: file not found") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"LPCAM_CONFIG={yaml_path}: expected a mapping of settings")
-        section = data.pop("adapter", {}) or {}
-        if not isinstance(section, dict):
-            raise ValueError(f"LPCAM_CONFIG={yaml_path}: `adapter` must be a mapping")
-        unknown = sorted(set(section) - set(_ADAPTER_KEYS))
-        if unknown:
-            raise ValueError(f"LPCAM_CONFIG={yaml_path}: unknown adapter key(s) {unknown}; known: {sorted(_ADAPTER_KEYS)}")
-        adapter.update({_ADAPTER_KEYS[k]: v for k, v in section.items()})
-        preset = preset or data.pop("preset", None)
-        core.update(data)
-    cfg = LPCAMConfig.from_dict({"preset": preset or "voc", **core}, source=yaml_path or "LPCAM settings")
-    overrides: dict[str, Any] = {}
-    for var, name, kind in (
-        ("LPCAM_K", "num_clusters", int),
-        ("LPCAM_TAU", "fg_threshold", float),
-        ("LPCAM_MU", "class_threshold", float),
-        ("LPCAM_MU_F", "class_threshold", float),
-        ("LPCAM_MU_B", "context_high", float),
-        ("LPCAM_SEED", "seed", int),
-    ):
-        if env.get(var, "").strip():
-            overrides[name] = _number(env[var].strip(), kind, var)
-            if var == "LPCAM_MU" and not env.get("LPCAM_MU_B", "").strip():
-                overrides["context_high"] = overrides[name]
-    if env.get("LPCAM_MEMORY_GB", "").strip():
-        overrides["memory_budget_bytes"] = int(_number(env["LPCAM_MEMORY_GB"], float, "LPCAM_MEMORY_GB") * 1024**3)
-    if overrides:
-        cfg = dataclasses.replace(cfg, **overrides)
+    config = _settings.read_config(env.get("LPCAM_CONFIG", "").strip(), {"adapter": ADAPTER_KEYS})
+    return settings_from_config(env, config)
 
-    for var, name in (
-        ("LPCAM_BANK", "bank_path"),
-        ("LPCAM_BASELINE_DIR", "baseline_dir"),
-        ("LPCAM_PROTO_LIST", "proto_list"),
-        ("LPCAM_DEVICE", "device"),
-        ("LPCAM_CLASSIFIER", "classifier"),
-        ("LPCAM_BACKBONE", "backbone"),
-    ):
-        if env.get(var, "").strip():
-            adapter[name] = env[var].strip()
+
+def settings_from_config(env: Mapping[str, str], config: _settings.ConfigFile) -> AdapterSettings:
+    """:class:`AdapterSettings` from a read ``LPCAM_CONFIG`` (its ``adapter`` section) and the variables."""
+    cfg = _settings.lpcam_config(env, config)
+    adapter = _settings.common_adapter_values(env, config.sections.get("adapter", {}), config.path)
+    adapter.update(_settings.env_values(env, (("LPCAM_DEVICE", "device"), ("LPCAM_CLASSIFIER", "classifier"),
+                                              ("LPCAM_BACKBONE", "backbone"))))
     if env.get("LPCAM_WORKERS", "").strip():
-        adapter["workers"] = _number(env["LPCAM_WORKERS"].strip(), int, "LPCAM_WORKERS")
-    if "LPCAM_REBUILD_BANK" in env:
-        adapter["rebuild_bank"] = _bool(env["LPCAM_REBUILD_BANK"], "LPCAM_REBUILD_BANK")
-    if "LPCAM" in env:
-        adapter["enabled"] = _bool(env["LPCAM"], "LPCAM")
-    for key in ("enabled", "rebuild_bank"):
-        if key in adapter:
-            adapter[key] = _bool(adapter[key], key)
+        adapter["workers"] = _settings.parse_number(env["LPCAM_WORKERS"].strip(), int, "LPCAM_WORKERS")
     if adapter.get("workers") is not None:
         adapter["workers"] = int(adapter["workers"])
     return AdapterSettings(lpcam=cfg, **adapter)

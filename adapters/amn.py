@@ -48,7 +48,6 @@ import dataclasses
 import importlib
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,7 +59,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _compat, _hooks, _irn_family
+from . import _compat, _hooks, _irn_family, _settings
+from ._amn_choices import BACKGROUNDS, CLASSIFIERS, FEATURES, SOFTMAX_WAYS, SPLITS, STAGES
 
 __all__ = [
     "HOST_A",
@@ -99,12 +99,6 @@ HOST_A = _irn_family.HostSpec(name="amn (stage a)", weights_suffix=".pth", thres
 #: AMN's stage (b) thresholds: eval_amn_cam, conf_fg, conf_bg, sem_seg_bg (maps ** 1.3).
 AMN_THRESHOLDS = (0.25, 0.45, 0.15, 0.25)
 
-FEATURES = ("conditioned", "raw")
-CLASSIFIERS = ("all_taps", "centre")
-SOFTMAX_WAYS = (20, 21)
-SPLITS = ("amn_cam", "ir_label")
-BACKGROUNDS = ("one_minus_max", "zeros")
-STAGES = ("a", "b")
 
 #: Environment variables of the AMN adapter (on top of :data:`lpcam_adapters._irn_family.ENV_VARS`).
 AMN_ENV_VARS: dict[str, str] = {
@@ -221,40 +215,11 @@ def amn_settings_from_env(environ: Mapping[str, str] | None = None) -> AMNSettin
     Raises:
         ValueError: a malformed value or an unknown key, naming it.
     """
-    import yaml
-
     env = dict(os.environ if environ is None else environ)
-    section: dict[str, Any] = {}
-    yaml_path = env.get("LPCAM_CONFIG")
-    stripped: str | None = None
-    if yaml_path and os.path.isfile(yaml_path):
-        with open(yaml_path, encoding="utf-8") as handle:
-            try:
-                data = yaml.safe_load(handle) or {}
-            except yaml.YAMLError as err:
-                raise ValueError(f"LPCAM_CONFIG={yaml_path}: not valid YAML ({err})") from None
-        if isinstance(data, dict) and "amn" in data:
-            raw = data.pop("amn") or {}
-            if not isinstance(raw, dict):
-                raise ValueError(f"LPCAM_CONFIG={yaml_path}: `amn` must be a mapping")
-            unknown = sorted(set(raw) - set(_YAML_KEYS))
-            if unknown:
-                raise ValueError(f"LPCAM_CONFIG={yaml_path}: unknown amn key(s) {unknown}; known: {sorted(_YAML_KEYS)}")
-            section = {_YAML_KEYS[k]: v for k, v in raw.items()}
-            # The family's reader knows no `amn:` section: hand it the rest of the file.
-            fd, stripped = tempfile.mkstemp(prefix="lpcam_amn_", suffix=".yaml")
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                yaml.safe_dump(data, handle)
-            env["LPCAM_CONFIG"] = stripped
-    try:
-        base = _irn_family.settings_from_env(env)
-    except ValueError as err:
-        if stripped is not None:
-            raise ValueError(str(err).replace(stripped, str(yaml_path))) from None
-        raise
-    finally:
-        if stripped is not None:
-            os.unlink(stripped)
+    config = _settings.read_config(env.get("LPCAM_CONFIG", "").strip(),
+                                   {"adapter": _irn_family.ADAPTER_KEYS, "amn": _YAML_KEYS})
+    base = _irn_family.settings_from_config(env, config)
+    section = dict(config.sections["amn"])
     for var, name in (
         ("LPCAM_AMN_STAGES", "stages"),
         ("LPCAM_AMN_FEATURES", "features"),

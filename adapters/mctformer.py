@@ -57,7 +57,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import _hooks
+from . import _hooks, _settings
 
 __all__ = [
     "ENV_VARS",
@@ -87,15 +87,10 @@ DEFAULT_TAU = 0.1
 
 ENV_VARS: dict[str, str] = {
     "LPCAM": "1 (default) swaps PatchCAM for LPCAM in attention-map generation; 0 runs the host unchanged",
-    "LPCAM_CONFIG": "YAML file: LPCAMConfig keys (and `preset`) at top level, adapter keys under `adapter:`",
-    "LPCAM_PRESET": "voc or coco (default: from --data-set): the paper's K, mu_f, mu_b",
-    "LPCAM_K": "clusters per pool (K)",
-    "LPCAM_TAU": f"threshold on the min-max normalised baseline map splitting the pools (default {DEFAULT_TAU})",
-    "LPCAM_MU": "sets both mu_f and mu_b",
-    "LPCAM_MU_F": "class prototype threshold (mu_f)",
-    "LPCAM_MU_B": "context prototype upper threshold (mu_b)",
-    "LPCAM_SEED": "seed of K-means and pool sampling",
-    "LPCAM_MEMORY_GB": "memory budget of the feature pools, GiB",
+    **_settings.core_env_vars(
+        preset="voc or coco (default: from --data-set): the paper's K, mu_f, mu_b",
+        tau=f"threshold on the min-max normalised baseline map splitting the pools (default {DEFAULT_TAU})",
+    ),
     "LPCAM_BANK": "prototype bank file (default <checkpoint>.lpcam_bank.pt beside --resume)",
     "LPCAM_REBUILD_BANK": "1: rebuild the bank even when one built with this checkpoint and settings exists",
     "LPCAM_BUILD": "auto (default): build a missing bank; never: fail instead; only: build it and stop",
@@ -106,8 +101,6 @@ ENV_VARS: dict[str, str] = {
     "LPCAM_LOG_LEVEL": "log level of lpcam's messages in host runs (default INFO)",
 }
 
-_TRUE = {"1", "on", "true", "yes", "y", "t"}
-_FALSE = {"0", "off", "false", "no", "n", "f", ""}
 _SUPPORTED = ("MCTformerV2", "MCTformerPlus")
 
 
@@ -159,7 +152,8 @@ class MCTformerSettings:
             raise ValueError(f"build={self.build!r}: expected 'auto', 'never' or 'only'")
 
 
-_ADAPTER_KEYS = {
+#: Keys of the YAML's ``adapter:`` section -> :class:`MCTformerSettings` fields.
+ADAPTER_KEYS = {
     "enabled": "enabled",
     "bank": "bank_path",
     "bank_path": "bank_path",
@@ -170,24 +164,6 @@ _ADAPTER_KEYS = {
     "head": "head",
     "flip": "flip",
 }
-
-
-def _bool(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ValueError(f"{name}={value!r}: expected 1/0, true/false, on/off")
-
-
-def _number(value: str, kind: type, name: str) -> Any:
-    try:
-        return kind(value)
-    except ValueError:
-        raise ValueError(f"{name}={value!r}: expected {'an integer' if kind is int else 'a number'}") from None
 
 
 def settings_from_env(environ: Mapping[str, str] | None = None, *, data_set: str | None = None) -> MCTformerSettings:
@@ -201,93 +177,24 @@ def settings_from_env(environ: Mapping[str, str] | None = None, *, data_set: str
     Raises:
         ValueError: a malformed value or an unknown key, naming it.
     """
-    import yaml
-
-    from lpcam_core import LPCAMConfig
-
     env = dict(os.environ if environ is None else environ)
-    core: dict[str, Any] = {}
-    adapter: dict[str, Any] = {}
-    preset = env.get("LPCAM_PRESET", "").strip() or None
-    yaml_path = env.get("LPCAM_CONFIG", "").strip()
-    if yaml_path:
-        try:
-            with open(yaml_path, encoding="utf-8") as handle:
-                data = yaml.safe_load(handle) or {}
-        except FileNotFoundError:
-            raise FileNotFoundError(f"LPCAM_CONFIG={yaml_path}: file not found") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"LPCAM_CONFIG={yaml_path}: expected a mapping of settings")
-        section = data.pop("adapter", {}) or {}
-        if not isinstance(section, dict):
-            raise ValueError(f"LPCAM_CONFIG={yaml_path}: `adapter` must be a mapping")
-        unknown = sorted(set(section) - set(_ADAPTER_KEYS))
-        if unknown:
-            raise ValueError(f"LPCAM_CONFIG={yaml_path}: unknown adapter key(s) {unknown}; known: {sorted(_ADAPTER_KEYS)}")
-        adapter.update({_ADAPTER_KEYS[k]: v for k, v in section.items()})
-        preset = preset or data.pop("preset", None)
-        data.pop("preset", None)
-        core.update(data)
-    if preset is None:
-        preset = "coco" if str(data_set or "").upper().startswith("COCO") else "voc"
-    if str(preset).lower() == "voc" and "fg_threshold" not in core:
-        core["fg_threshold"] = DEFAULT_TAU  # MCTformer's maps are min-max normalised: its own measured tau
-    cfg = LPCAMConfig.from_dict({"preset": preset, **core}, source=yaml_path or "LPCAM settings")
-    overrides: dict[str, Any] = {}
-    for var, name, kind in (
-        ("LPCAM_K", "num_clusters", int),
-        ("LPCAM_TAU", "fg_threshold", float),
-        ("LPCAM_MU", "class_threshold", float),
-        ("LPCAM_MU_F", "class_threshold", float),
-        ("LPCAM_MU_B", "context_high", float),
-        ("LPCAM_SEED", "seed", int),
-    ):
-        if env.get(var, "").strip():
-            overrides[name] = _number(env[var].strip(), kind, var)
-            if var == "LPCAM_MU" and not env.get("LPCAM_MU_B", "").strip():
-                overrides["context_high"] = overrides[name]
-    if env.get("LPCAM_MEMORY_GB", "").strip():
-        overrides["memory_budget_bytes"] = int(_number(env["LPCAM_MEMORY_GB"].strip(), float, "LPCAM_MEMORY_GB") * 1024**3)
-    if overrides:
-        cfg = cfg.replace(**overrides)
-    for var, name in (
-        ("LPCAM_BANK", "bank_path"),
-        ("LPCAM_BASELINE_DIR", "baseline_dir"),
-        ("LPCAM_PROTO_LIST", "proto_list"),
-        ("LPCAM_BUILD", "build"),
-        ("LPCAM_HEAD", "head"),
-        ("LPCAM_FLIP", "flip"),
-    ):
-        if env.get(var, "").strip():
-            adapter[name] = env[var].strip().lower() if name in ("build", "head", "flip") else env[var].strip()
+    config = _settings.read_config(env.get("LPCAM_CONFIG", "").strip(), {"adapter": ADAPTER_KEYS})
+    # MCTformer's maps are min-max normalised: with the voc preset, its own measured tau
+    cfg = _settings.lpcam_config(env, config,
+                                 fallback_preset="coco" if str(data_set or "").upper().startswith("COCO") else "voc",
+                                 preset_defaults={"voc": {"fg_threshold": DEFAULT_TAU}})
+    adapter = dict(config.sections["adapter"])
+    adapter.update(_settings.env_values(env, (("LPCAM_BUILD", "build"), ("LPCAM_HEAD", "head"), ("LPCAM_FLIP", "flip")),
+                                        lower=("build", "head", "flip")))
     try:
-        probe = MCTformerSettings(**{k: v for k, v in adapter.items() if k in ("build", "head", "flip")})
+        MCTformerSettings(**{k: v for k, v in adapter.items() if k in ("build", "head", "flip")})
     except ValueError as err:
         raise ValueError(f"LPCAM settings: {err} (LPCAM_BUILD / LPCAM_HEAD / LPCAM_FLIP or adapter: in LPCAM_CONFIG)") from None
-    del probe
-    for key in ("enabled", "rebuild_bank"):
-        if key in adapter:
-            adapter[key] = _bool(adapter[key], f"{yaml_path}: adapter.{key}")
-    if "LPCAM_REBUILD_BANK" in env:
-        adapter["rebuild_bank"] = _bool(env["LPCAM_REBUILD_BANK"], "LPCAM_REBUILD_BANK")
-    if "LPCAM" in env:
-        adapter["enabled"] = _bool(env["LPCAM"], "LPCAM")
+    adapter = _settings.common_adapter_values(env, adapter, config.path)
     return MCTformerSettings(lpcam=cfg, **adapter)
 
 
-def configure_logging() -> None:
-    """Show lpcam's INFO messages in a host run (MCTformer prints; it configures no logging)."""
-    if logging.getLogger().handlers:
-        return
-    level = os.environ.get("LPCAM_LOG_LEVEL", "INFO").upper()
-    for name in ("lpcam_adapters", "lpcam_core"):
-        log = logging.getLogger(name)
-        if not any(getattr(h, "_lpcam", False) for h in log.handlers):
-            handler = logging.StreamHandler(sys.stdout)
-            handler.setFormatter(logging.Formatter("[lpcam] %(message)s"))
-            handler._lpcam = True  # type: ignore[attr-defined]
-            log.addHandler(handler)
-        log.setLevel(level)
+configure_logging = _settings.configure_logging
 
 
 # --------------------------------------------------------------------------- the model

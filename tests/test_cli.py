@@ -91,3 +91,17 @@ def test_help_lists_subcommands(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "info" in out and "eval" in out
+
+
+def test_building_the_parser_imports_no_torch():
+    """`lpcam --help` (and every adapter's sub-parser) is built without importing torch (~2-3 s)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, lpcam_core.cli as c; p = c.build_parser(); "
+            "assert {'irn', 'recam', 'amn', 'mctformer'} <= set(p._subparsers._group_actions[0].choices); "
+            "print('torch' in sys.modules)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr

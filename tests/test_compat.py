@@ -225,3 +225,62 @@ def test_coerce_args_turns_untyped_flags_into_numbers():
         _compat.coerce_args(Namespace(sem_seg_bg_thres="x"))
     with pytest.raises(ValueError, match="--cam_scales"):
         _compat.coerce_args(Namespace(cam_scales="big"))
+
+
+def test_asarray_collated_gives_slice_bounds_numpy2_accepts():
+    from torch.utils.data import default_collate
+
+    size = default_collate([{"size": (5, 7)}])["size"]  # what a batch of one gives the host
+    assert [t.shape for t in size] == [torch.Size([1]), torch.Size([1])]
+    raw = np.asarray(size)
+    assert raw.shape == (2, 1)  # numpy 2 / torch 2: the host's rows are 1-element arrays ...
+    x = torch.zeros(3, 9, 9)
+    with pytest.raises(TypeError, match="scalar index"):
+        x[..., 0, :raw[0], :raw[1]]  # ... which are not slice bounds (step.make_sem_seg_labels)
+    fixed = _compat.asarray_collated(size)
+    assert fixed.tolist() == [5, 7] and fixed.ndim == 1
+    assert x[..., :fixed[0], :fixed[1]].shape == (3, 5, 7)
+    # anything else is np.asarray unchanged: batches of more than one, arrays, scalars, dtype
+    assert _compat.asarray_collated([torch.tensor([1, 2]), torch.tensor([3, 4])]).shape == (2, 2)
+    assert _compat.asarray_collated([1.5, 2]).tolist() == [1.5, 2.0]
+    assert _compat.asarray_collated(size, dtype=np.float32).dtype == np.float32
+    assert _compat.asarray_collated([]).shape == (0,)
+    proxy = _compat.numpy_with_collated_asarray()
+    assert proxy.asarray is _compat.asarray_collated and proxy.pad is np.pad and np.asarray is not proxy.asarray
+
+
+def test_make_sem_seg_labels_gets_the_collated_numpy(tmp_path, monkeypatch):
+    """Stand-ins for the host steps: the shim replaces their module-level numpy, nothing else."""
+    (tmp_path / "step").mkdir()
+    body = textwrap.dedent(
+        """
+        import numpy as np
+        import torch
+
+        def crop(pack):
+            orig_img_size = np.asarray(pack['size'])
+            return torch.zeros(2, 9, 9)[..., :orig_img_size[0], :orig_img_size[1]].shape
+        """
+    )
+    (tmp_path / "step" / "make_sem_seg_labels.py").write_text(body)
+    (tmp_path / "step" / "make_ins_seg_labels.py").write_text("np = 'not numpy'\n")
+    (tmp_path / "step" / "eval_sem_seg.py").write_text("import numpy as np\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    try:
+        _compat.register_irn_family()
+        _compat.register_irn_family()  # idempotent
+        import step.eval_sem_seg
+        import step.make_ins_seg_labels
+        import step.make_sem_seg_labels
+
+        size = [torch.tensor([4]), torch.tensor([6])]
+        assert step.make_sem_seg_labels.crop({"size": size}) == (2, 4, 6)
+        assert step.make_sem_seg_labels.np.__lpcam_collated_asarray__
+        assert step.make_ins_seg_labels.np == "not numpy"  # not numpy: left alone
+        assert step.eval_sem_seg.np is np  # a step that does not need it keeps numpy itself
+        assert "np.asarray(pack['size'])" in _hooks.explain()
+    finally:
+        for name in list(sys.modules):
+            if name.split(".")[0] == "step":
+                del sys.modules[name]

@@ -63,6 +63,24 @@ print(json.dumps({{"written": len(os.listdir("result/cam_host"))}}))
 """
 
 
+# run_sample.py in-process with test-only CPU shims: IRN's train_irn and make_sem_seg_labels are hard-wired
+# to CUDA (.cuda(), cuda.device, DataParallel(...).cuda(), one spawned process per GPU: none on CPU).
+CPU_RUN_SAMPLE = """
+import contextlib, json, runpy, sys
+import torch, torch.multiprocessing
+torch.Tensor.cuda = lambda self, *a, **k: self
+torch.nn.Module.cuda = lambda self, *a, **k: self
+torch.cuda.device = lambda *a, **k: contextlib.nullcontext()
+torch.cuda.device_count = lambda: 1
+torch.multiprocessing.spawn = lambda fn, args=(), nprocs=1, join=True, **k: [fn(i, *args) for i in range(nprocs)]
+sys.argv = ["run_sample.py", *{argv!r}]
+runpy.run_path("run_sample.py", run_name="__main__")  # its first line: import lpcam_adapters.irn
+import step.make_sem_seg_labels
+print()
+print(json.dumps({{"collated_numpy": bool(getattr(step.make_sem_seg_labels.np, "__lpcam_collated_asarray__", False))}}))
+"""
+
+
 @pytest.fixture(scope="module")
 def irn(tmp_path_factory, synthetic_voc, pycache, hostkit):
     host = hostkit.host_dir("irn")
@@ -113,6 +131,35 @@ def test_lpcam_in_process_feeds_eval_cam_and_cam_to_ir_label(irn, host_maps):
     for name in irn["ids"]:
         label = np.asarray(Image.open(work / "result" / "ir_label" / f"{name}.png"))
         assert label.shape == (32, 32) and set(np.unique(label)) <= set(range(21)) | {255}
+
+
+@pytest.mark.slow  # train_irn, then IRN's EdgeDisplacement on 512x512-padded inputs: about 2 minutes on CPU
+def test_lpcam_maps_through_train_irn_make_sem_seg_labels_and_eval_sem_seg(irn):
+    """IRN's own train_irn, make_sem_seg_labels and eval_sem_seg (run_sample.py's passes) on LPCAM maps.
+
+    On numpy 2 / torch 2, make_sem_seg_labels fails without lpcam's shim at
+    ``[..., :orig_img_size[0], :orig_img_size[1]]`` (``orig_img_size = np.asarray(pack['size'])``
+    is [2, 1]: "only integer scalar arrays can be converted to a scalar index").
+    """
+    work, kit = irn["work"], irn["kit"]
+    run_sample(irn, "--cam_out_dir", "result/cam_sem", "--ir_label_out_dir", "result/ir_label_sem",
+               "--eval_cam_pass", "0", "--conf_fg_thres", "0.45", "--conf_bg_thres", "0.25",
+               LPCAM_BASELINE_DIR="result/cam_baseline")  # shared with the test above
+    argv = ["--voc12_root", str(irn["root"]), "--num_workers", "0", "--cam_out_dir", "result/cam_sem",
+            "--ir_label_out_dir", "result/ir_label_sem", "--sem_seg_out_dir", "result/sem_seg",
+            "--irn_crop_size", "96", "--irn_batch_size", "4", "--irn_num_epoches", "1",
+            "--sem_seg_bg_thres", "0.35",  # untyped flag: a string, made a number by lpcam's shim
+            "--train_cam_pass", "0", "--make_cam_pass", "0", "--eval_cam_pass", "0", "--cam_to_ir_label_pass", "0",
+            "--make_ins_seg_pass", "0", "--eval_ins_seg_pass", "0"]
+    proc = kit.run([sys.executable, "-c", CPU_RUN_SAMPLE.format(argv=argv)], work, irn["env"])
+    assert "Analyzing displacements mean ... done." in proc.stdout  # train_irn ran and saved its weights
+    assert (work / "sess" / "res50_irn.pth").is_file()
+    assert "'miou'" in proc.stdout, proc.stdout[-2000:]  # eval_sem_seg read every PNG
+    assert '"collated_numpy": true' in proc.stdout.strip().splitlines()[-1]
+    for name in irn["ids"]:
+        label = np.asarray(Image.open(work / "result" / "sem_seg" / f"{name}.png"))
+        keys = np.load(work / "result" / "cam_sem" / f"{name}.npy", allow_pickle=True).item()["keys"]
+        assert label.shape == (32, 32) and set(np.unique(label).tolist()) <= {0} | set((keys + 1).tolist())
 
 
 def test_lpcam_two_spawned_workers(irn, tmp_path):
