@@ -360,7 +360,7 @@ def _common(p: argparse.ArgumentParser, host: str, *, bank_required: bool) -> No
         p.add_argument("--recam-weight-dir", help="ReCAM's recam_weight dir (res50_recam_<N>.pth, recam_predictor_<N>.pth)")
         p.add_argument("--recam-epochs", type=int, default=4, help="N of those files (args.recam_num_epoches)")
         p.add_argument("--plain-cam", action="store_true", help="make_cam's plain CAM model (--weights) instead of ReCAM's")
-        p.add_argument("--classifier", choices=("recam", "cls"), help="classifier scoring the prototypes")
+        p.add_argument("--classifier", choices=("recam", "cls"), help="classifier scoring the prototypes (default cls: W_cls; recam: W_recam * W_cls)")
         p.add_argument("--backbone", choices=("recam", "cam"), help="backbone giving the features")
 
 

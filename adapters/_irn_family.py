@@ -89,7 +89,7 @@ ENV_VARS: dict[str, str] = {
     "LPCAM_PROTO_LIST": "image list clustered for prototypes (default voc12/train.txt)",
     "LPCAM_WORKERS": "processes for the image loops (default: number of GPUs; 0/1 in-process; >1 spawns)",
     "LPCAM_DEVICE": "device for in-process work (default cuda if available else cpu)",
-    "LPCAM_CLASSIFIER": "ReCAM: classifier scoring prototypes, recam (W_recam*W_cls, default) or cls",
+    "LPCAM_CLASSIFIER": "ReCAM: classifier scoring prototypes, cls (W_cls, default) or recam (W_recam*W_cls)",
     "LPCAM_BACKBONE": "ReCAM: backbone of features, recam (default) or cam (res50_cam weights)",
     "LPCAM_NO_PRETRAINED": "1: host networks never download ImageNet weights",
     "LPCAM_LOG_LEVEL": "log level of lpcam's messages in host runs (default INFO)",
@@ -116,7 +116,8 @@ class AdapterSettings:
         proto_list: Image list whose images are clustered (relative to the host root).
         workers: Processes for the image loops (``None``: one per GPU; 0 or 1: in-process).
         device: Device of in-process work (``None``: cuda if available, else cpu).
-        classifier: ReCAM only: ``"recam"`` (W_recam * W_cls) or ``"cls"`` scores the prototypes.
+        classifier: ReCAM only: ``"cls"`` (W_cls of the feature backbone, default) or ``"recam"``
+            (W_recam * W_cls) scores the prototypes (see :mod:`lpcam_adapters.recam` for why).
         backbone: ReCAM only: ``"recam"`` or ``"cam"`` checkpoint gives the features.
     """
 
@@ -128,7 +129,7 @@ class AdapterSettings:
     proto_list: str = "voc12/train.txt"
     workers: int | None = None
     device: str | None = None
-    classifier: str = "recam"
+    classifier: str = "cls"
     backbone: str = "recam"
 
     def __post_init__(self) -> None:

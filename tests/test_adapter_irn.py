@@ -141,8 +141,10 @@ def test_settings_defaults_and_env(tmp_path):
         _irn_family.settings_from_env({"LPCAM_K": "x"})
     with pytest.raises(ValueError, match="LPCAM='maybe'"):
         _irn_family.settings_from_env({"LPCAM": "maybe"})
+    assert _irn_family.settings_from_env({}).classifier == "cls"  # chosen by benchmarks/recam_choices.py
+    assert _irn_family.settings_from_env({"LPCAM_BACKBONE": "cam"}).backbone == "cam"
     with pytest.raises(ValueError, match="W_recam"):
-        _irn_family.settings_from_env({"LPCAM_BACKBONE": "cam"})
+        _irn_family.settings_from_env({"LPCAM_BACKBONE": "cam", "LPCAM_CLASSIFIER": "recam"})
 
 
 def test_settings_yaml(tmp_path):

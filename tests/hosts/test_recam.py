@@ -103,7 +103,7 @@ def test_make_recam_lpcam_feeds_eval_cam_and_cam_to_ir_label(recam, host_maps):
     assert "LPCAM swap in recam" in stdout and "miou:" in stdout
     recam["kit"].compare_dirs(work / "cam_mask_recam_baseline", host_maps, recam["ids"])
     bank = torch.load(work / "lpcam_bank_recam.pt", weights_only=True)
-    assert bank["meta"]["recam_classifier"] == "recam" and bank["meta"]["recam_backbone"] == "recam"
+    assert bank["meta"]["recam_classifier"] == "cls" and bank["meta"]["recam_backbone"] == "recam"
     report = recam["kit"].check_lpcam_maps(recam["work"], recam["env"], adapter="recam",
                                            weights="ws/recam_weight/res50_recam_4.pth", bank="ws/lpcam_bank_recam.pt",
                                            out="ws/cam_mask", root=recam["root"])
@@ -126,11 +126,11 @@ def test_plain_make_cam_in_spawned_workers_and_the_classifier_setting(recam):
                                            bank="ws/lpcam_bank.pt", out="ws/cam_plain", root=recam["root"],
                                            image_list="voc12/small.txt", threads=max(1, (os.cpu_count() or 1) // 2))
     assert report["checked"] > 0 and report["worst"] < 1e-5, report
-    # make_recam with W_cls scoring the prototypes instead of W_recam * W_cls.
-    run_sample(recam, "--make_recam_pass", "True", "--cam_out_dir", "cam_cls", *flags, LPCAM_CLASSIFIER="cls",
-               LPCAM_BANK="ws/bank_cls.pt", **small)
-    bank = torch.load(work / "bank_cls.pt", weights_only=True)
-    assert bank["meta"]["recam_classifier"] == "cls" and len(list((work / "cam_cls").glob("*.npy"))) == 3
+    # make_recam with W_recam * W_cls scoring the prototypes instead of the default W_cls.
+    run_sample(recam, "--make_recam_pass", "True", "--cam_out_dir", "cam_prod", *flags, LPCAM_CLASSIFIER="recam",
+               LPCAM_BANK="ws/bank_prod.pt", **small)
+    bank = torch.load(work / "bank_prod.pt", weights_only=True)
+    assert bank["meta"]["recam_classifier"] == "recam" and len(list((work / "cam_prod").glob("*.npy"))) == 3
 
 
 def test_recam_checkout_untouched(recam):
@@ -166,6 +166,6 @@ def test_cli_under_torchrun_equals_one_process(recam):
     assert a.classes == b.classes and b.classes
     for key in b.classes:
         assert torch.equal(a.foreground[key], b.foreground[key]) and torch.equal(a.context[key], b.context[key])
-    assert a.meta["recam_classifier"] == "recam"
+    assert a.meta["recam_classifier"] == "cls"
     a.meta.pop("pool_peak_bytes"), b.meta.pop("pool_peak_bytes")
     assert a.meta == b.meta
