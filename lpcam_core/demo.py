@@ -889,7 +889,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--out", default="lpcam_demo_out", help="output directory (report, pictures, data cache)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the network and K-means")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's)")
-    parser.add_argument("--num-images", type=int, default=None, help="synthetic images in all (train + val)")
+    parser.add_argument("--num-images", type=int, default=None, help="synthetic images in all (train + val; default: max(1200, 200 per class))")
     parser.add_argument("--num-classes", type=int, default=None, help="synthetic classes (2-20)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke-test run (seconds; numbers meaningless)")

@@ -62,6 +62,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "SyntheticConfig",
+    "default_num_images",
     "SyntheticSplit",
     "generate",
     "render_image",
@@ -79,6 +80,11 @@ _FORMAT_VERSION = 2
 _BACKGROUND_KINDS = ("waves", "noise", "tiles", "gradient")
 
 
+def default_num_images(num_classes: int) -> int:
+    """Default dataset size: 200 images per class (160 for training), at least 1,200."""
+    return max(1200, 200 * int(num_classes))
+
+
 @dataclass(frozen=True)
 class SyntheticConfig:
     """Parameters of the synthetic part-based dataset.
@@ -87,6 +93,9 @@ class SyntheticConfig:
         num_classes: Object classes (2 to 20; label 0 is background as in VOC).
         image_size: Side of the square images in pixels.
         num_images: Images in all; the last ``val_fraction`` of them form the val split.
+            ``None`` (default): ``max(1200, 200 * num_classes)``, so the classifier sees at
+            least 160 training images per class whatever the class count (with 10 classes and
+            1,200 images the CAM network was too weak for LPCAM to gain: see the README).
         val_fraction: Share of the images held out as ``val``.
         min_objects: Fewest objects per image.
         max_objects: Most objects per image (fewer are drawn when they do not fit).
@@ -111,7 +120,7 @@ class SyntheticConfig:
 
     num_classes: int = 6
     image_size: int = 96
-    num_images: int = 1200
+    num_images: int | None = None
     val_fraction: float = 0.2
     min_objects: int = 1
     max_objects: int = 3
@@ -132,6 +141,8 @@ class SyntheticConfig:
 
     def __post_init__(self) -> None:
         _check_int("num_classes", self.num_classes, 2, 20)
+        if self.num_images is None:
+            object.__setattr__(self, "num_images", default_num_images(self.num_classes))
         _check_int("image_size", self.image_size, 32, 1024)
         _check_int("num_images", self.num_images, 2, 10_000_000)
         _check_float("val_fraction", self.val_fraction, 0.0, 1.0, open_ends=True)

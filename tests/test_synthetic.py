@@ -199,3 +199,12 @@ def test_bad_arguments():
         render_image(tiny(), 10)
     with pytest.raises(ValueError, match="unknown"):
         SyntheticConfig.from_dict({"colour": 1})
+
+
+@pytest.mark.parametrize("num_classes, expected_per_class", [(4, 300), (6, 200), (10, 200), (20, 200)])
+def test_default_size_keeps_enough_images_per_class(num_classes, expected_per_class):
+    # The CAM network needs enough images per class: with 10 classes and 1,200 images LPCAM did not
+    # beat CAM (README); the default holds >= 200 per class and never fewer than 1,200 in all.
+    cfg = SyntheticConfig(num_classes=num_classes)
+    assert cfg.num_images == num_classes * expected_per_class
+    assert SyntheticConfig(num_classes=num_classes, num_images=50).num_images == 50
