@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max-objects", type=int, default=None)
     g.add_argument("--max-distractors", type=int, default=None)
     m = p.add_argument_group("network and LPCAM")
-    m.add_argument("--epochs", type=int, default=None)
+    m.add_argument("--epochs", type=int, default=None, help="training epochs (default: max(12, 2 per class))")
     m.add_argument("--width", type=int, default=None, help="channels of the convolutions")
     m.add_argument("--feature-dim", type=int, default=None, help="channels of the feature layer")
     m.add_argument("--k", type=int, default=None, help="K, clusters per pool (paper: 12)")

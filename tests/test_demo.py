@@ -73,6 +73,13 @@ def test_settings_validation():
     assert settings.lpcam_config().num_clusters == 12
 
 
+@pytest.mark.parametrize("num_classes, epochs", [(4, 12), (6, 12), (10, 20), (20, 40)])
+def test_default_training_grows_with_the_class_count(num_classes, epochs):
+    # 12 epochs under-trained the 10-class network (README): 2 epochs per class beyond 6.
+    assert demo_settings(0, data_num_classes=num_classes).epochs == epochs
+    assert demo_settings(0, data_num_classes=num_classes, epochs=3).epochs == 3
+
+
 def test_format_table_shape():
     row = {"miou": 50.0, "precision": 60.0, "recall": 70.0, "threshold": 0.25, "miou_at_eval": 45.0}
     table = format_table({key: row for key in METHODS})
