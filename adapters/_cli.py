@@ -225,49 +225,43 @@ def _cmd_prototypes(ns: argparse.Namespace) -> int:
     bank = _abs(ns.bank)
     baseline_dir = _abs(ns.baseline_dir) or os.path.splitext(bank)[0] + "_baseline"  # type: ignore[arg-type]
     plist = _abs(ns.list) if ns.list and os.path.exists(ns.list) else ns.list
-    ctx = _irn_family.init_torchrun(settings.workers)
-    try:
-        with _in_host(ns.host):
-            _load_host_compat(host)
-            spec, plan_fn = _plan(ns, host)
-            plan = plan_fn(args, settings)
-            loader = importlib.import_module("voc12.dataloader")
-            record = {
-                "network": args.cam_network,
-                "model": _irn_family.model_fingerprint(plan.cam_model, plan.extra_weight),
-                "scales": [float(x) for x in args.cam_scales],
-            }
-            msf = loader.VOC12ClassificationDatasetMSF(plist, voc12_root=args.voc12_root, scales=args.cam_scales)
-            single = loader.VOC12ClassificationDataset(plist, voc12_root=args.voc12_root)
-            meta = {"host": spec.name, "proto_list": ns.list, "num_proto_images": len(single), **plan.meta}
-            if ctx is None:
-                _irn_family.check_baseline_record(baseline_dir, record)
-                missing = [i for i, n in enumerate(msf.img_name_list)
-                           if not os.path.isfile(os.path.join(baseline_dir, loader.decode_int_filename(n) + ".npy"))]
-                if missing:
-                    from torch.utils.data import Subset
+    with _irn_family.torchrun_session(settings.workers) as ctx, _in_host(ns.host):
+        _load_host_compat(host)
+        spec, plan_fn = _plan(ns, host)
+        plan = plan_fn(args, settings)
+        loader = importlib.import_module("voc12.dataloader")
+        record = {
+            "network": args.cam_network,
+            "model": _irn_family.model_fingerprint(plan.cam_model, plan.extra_weight),
+            "scales": [float(x) for x in args.cam_scales],
+        }
+        msf = loader.VOC12ClassificationDatasetMSF(plist, voc12_root=args.voc12_root, scales=args.cam_scales)
+        single = loader.VOC12ClassificationDataset(plist, voc12_root=args.voc12_root)
+        meta = {"host": spec.name, "proto_list": ns.list, "num_proto_images": len(single), **plan.meta}
+        if ctx is None:
+            _irn_family.check_baseline_record(baseline_dir, record)
+            missing = _irn_family.missing_indices(msf, baseline_dir)
+            if missing:
+                from torch.utils.data import Subset
 
-                    _irn_family.baseline_pass(plan.cam_model, Subset(msf, missing), baseline_dir,
-                                              extra_weight=plan.extra_weight, skip_existing=True,
-                                              workers=_irn_family.resolve_workers(settings), device=settings.device,
-                                              num_workers=ns.loader_workers)
-                result = _irn_family.build_bank(plan.feature_model, single, baseline_dir, settings, plan.score_weight,
-                                                bank_path=bank, device=settings.device, extra_meta=meta,
-                                                num_workers=ns.loader_workers)
-            else:  # torchrun: each rank computes its shard of the missing baselines and of the features
-                device = _irn_family.rank_device(ctx, settings.device)
-                _irn_family.check_baseline_record_once(baseline_dir, record)
-                missing_ids = _irn_family.missing_files(msf, baseline_dir)
-                if missing_ids:
-                    _irn_family.sharded_baseline_pass(plan.cam_model, msf, baseline_dir, device,
-                                                      extra_weight=plan.extra_weight, ids=missing_ids,
-                                                      num_workers=ns.loader_workers)
-                result = _irn_family.build_bank_sharded(plan.feature_model, single, baseline_dir, settings,
-                                                        plan.score_weight, device, bank_path=bank, extra_meta=meta,
-                                                        num_workers=ns.loader_workers)
-    finally:
-        if ctx is not None:
-            ctx.close()
+                _irn_family.baseline_pass(plan.cam_model, Subset(msf, missing), baseline_dir,
+                                          extra_weight=plan.extra_weight, skip_existing=True,
+                                          workers=_irn_family.resolve_workers(settings), device=settings.device,
+                                          num_workers=ns.loader_workers)
+            result = _irn_family.build_bank(plan.feature_model, single, baseline_dir, settings, plan.score_weight,
+                                            bank_path=bank, device=settings.device, extra_meta=meta,
+                                            num_workers=ns.loader_workers)
+        else:  # torchrun: each rank computes its shard of the missing baselines and of the features
+            device = _irn_family.rank_device(ctx, settings.device)
+            _irn_family.check_baseline_record_once(baseline_dir, record)
+            missing_ids = _irn_family.missing_files(msf, baseline_dir)
+            if missing_ids:
+                _irn_family.sharded_baseline_pass(plan.cam_model, msf, baseline_dir, device,
+                                                  extra_weight=plan.extra_weight, ids=missing_ids,
+                                                  num_workers=ns.loader_workers)
+            result = _irn_family.build_bank_sharded(plan.feature_model, single, baseline_dir, settings,
+                                                    plan.score_weight, device, bank_path=bank, extra_meta=meta,
+                                                    num_workers=ns.loader_workers)
     if ctx is None or ctx.is_main:
         logger.info("bank %s: %r", bank, result)
     return 0
@@ -283,39 +277,34 @@ def _cmd_make(ns: argparse.Namespace) -> int:
         raise ValueError("--bank is required for LPCAM maps (build one with `lpcam %s prototypes`)" % host)
     plist = _abs(ns.list) if ns.list and os.path.exists(ns.list) else ns.list
     out = _abs(ns.out)
-    ctx = _irn_family.init_torchrun(settings.workers)
-    try:
-        with _in_host(ns.host):
-            _load_host_compat(host)
-            spec, plan_fn = _plan(ns, host)
-            plan = plan_fn(args, settings)
-            loader = importlib.import_module("voc12.dataloader")
-            msf = loader.VOC12ClassificationDatasetMSF(plist, voc12_root=args.voc12_root, scales=args.cam_scales)
-            if not ns.baseline:
-                from lpcam_core import PrototypeBank
+    with _irn_family.torchrun_session(settings.workers) as ctx, _in_host(ns.host):
+        _load_host_compat(host)
+        spec, plan_fn = _plan(ns, host)
+        plan = plan_fn(args, settings)
+        loader = importlib.import_module("voc12.dataloader")
+        msf = loader.VOC12ClassificationDatasetMSF(plist, voc12_root=args.voc12_root, scales=args.cam_scales)
+        if not ns.baseline:
+            from lpcam_core import PrototypeBank
 
-                PrototypeBank.load(_abs(ns.bank), classifier_weight=plan.score_weight)  # fail early on a foreign bank
-            if ctx is not None:  # torchrun: each rank writes its shard, complete files are kept
-                device = _irn_family.rank_device(ctx, settings.device)
-                if ns.baseline:
-                    _irn_family.sharded_baseline_pass(plan.cam_model, msf, out, device, extra_weight=plan.extra_weight,
-                                                      overwrite=ns.overwrite, num_workers=ns.loader_workers)
-                else:
-                    baseline_dir = _abs(settings.baseline_dir) or os.path.splitext(_abs(ns.bank))[0] + "_baseline"
-                    _irn_family.sharded_lpcam_pass(plan.feature_model, msf, _abs(ns.bank), out, device,
-                                                   read_dirs=[baseline_dir], overwrite=ns.overwrite,
-                                                   num_workers=ns.loader_workers)
-            elif ns.baseline:
-                _irn_family.baseline_pass(plan.cam_model, msf, out, extra_weight=plan.extra_weight,
-                                          workers=_irn_family.resolve_workers(settings), device=settings.device,
-                                          num_workers=ns.loader_workers)
+            PrototypeBank.load(_abs(ns.bank), classifier_weight=plan.score_weight)  # fail early on a foreign bank
+        if ctx is not None:  # torchrun: each rank writes its shard, complete files are kept
+            device = _irn_family.rank_device(ctx, settings.device)
+            if ns.baseline:
+                _irn_family.sharded_baseline_pass(plan.cam_model, msf, out, device, extra_weight=plan.extra_weight,
+                                                  overwrite=ns.overwrite, num_workers=ns.loader_workers)
             else:
-                _irn_family.lpcam_pass(plan.feature_model, msf, _abs(ns.bank), out,
-                                       workers=_irn_family.resolve_workers(settings), device=settings.device,
-                                       num_workers=ns.loader_workers)
-    finally:
-        if ctx is not None:
-            ctx.close()
+                baseline_dir = _abs(settings.baseline_dir) or os.path.splitext(_abs(ns.bank))[0] + "_baseline"
+                _irn_family.sharded_lpcam_pass(plan.feature_model, msf, _abs(ns.bank), out, device,
+                                               read_dirs=[baseline_dir], overwrite=ns.overwrite,
+                                               num_workers=ns.loader_workers)
+        elif ns.baseline:
+            _irn_family.baseline_pass(plan.cam_model, msf, out, extra_weight=plan.extra_weight,
+                                      workers=_irn_family.resolve_workers(settings), device=settings.device,
+                                      num_workers=ns.loader_workers)
+        else:
+            _irn_family.lpcam_pass(plan.feature_model, msf, _abs(ns.bank), out,
+                                   workers=_irn_family.resolve_workers(settings), device=settings.device,
+                                   num_workers=ns.loader_workers)
     if ctx is None or ctx.is_main:
         logger.info("%s maps of %d images written to %s", "baseline" if ns.baseline else "LPCAM", len(msf), out)
         if not ns.baseline:

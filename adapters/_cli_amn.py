@@ -113,44 +113,38 @@ def _cmd_prototypes(ns: argparse.Namespace) -> int:
     ir_label_dir = os.path.abspath(ns.ir_label_dir)
     plist = _list_path(ns.list)
     voc = os.path.abspath(ns.voc12_root)
-    ctx = _irn_family.init_torchrun(settings.base.workers)
-    try:
-        with _in_host(ns.host):
-            importlib.import_module("lpcam_adapters.amn")
-            model = _model(ns)
-            loader = importlib.import_module("voc12.dataloader")
-            single = loader.VOC12ClassificationDataset(plist, voc12_root=voc)
-            meta = {"host": "amn", "stage": "b", "proto_list": ns.list, "num_proto_images": len(single),
-                    "weights": os.path.abspath(ns.weights)}
-            msf = None
-            if settings.split == "amn_cam":
-                msf = loader.VOC12ClassificationDatasetMSF(plist, voc12_root=voc, scales=tuple(ns.scales))
-            if ctx is None:
-                if msf is not None:
-                    missing = [i for i, n in enumerate(msf.img_name_list)
-                               if not os.path.isfile(os.path.join(baseline_dir, loader.decode_int_filename(n) + ".npy"))]
-                    if missing:
-                        from torch.utils.data import Subset
+    with _irn_family.torchrun_session(settings.base.workers) as ctx, _in_host(ns.host):
+        importlib.import_module("lpcam_adapters.amn")
+        model = _model(ns)
+        loader = importlib.import_module("voc12.dataloader")
+        single = loader.VOC12ClassificationDataset(plist, voc12_root=voc)
+        meta = {"host": "amn", "stage": "b", "proto_list": ns.list, "num_proto_images": len(single),
+                "weights": os.path.abspath(ns.weights)}
+        msf = None
+        if settings.split == "amn_cam":
+            msf = loader.VOC12ClassificationDatasetMSF(plist, voc12_root=voc, scales=tuple(ns.scales))
+        if ctx is None:
+            if msf is not None:
+                missing = _irn_family.missing_indices(msf, baseline_dir)
+                if missing:
+                    from torch.utils.data import Subset
 
-                        amn.amn_baseline_pass(model, Subset(msf, missing), baseline_dir, ir_label_dir,
-                                              skip_existing=True, workers=_irn_family.resolve_workers(settings.base),
-                                              device=settings.base.device, num_workers=ns.loader_workers)
-                result = amn.build_amn_bank(model, single, settings, baseline_dir=baseline_dir,
-                                            ir_label_dir=ir_label_dir, bank_path=bank, device=settings.base.device,
-                                            extra_meta=meta, num_workers=ns.loader_workers)
-            else:  # torchrun: each rank computes its shard of the missing maps and of the features
-                device = _irn_family.rank_device(ctx, settings.base.device)
-                if msf is not None:
-                    missing_ids = _irn_family.missing_files(msf, baseline_dir)
-                    if missing_ids:
-                        amn.sharded_amn_baseline_pass(model, msf, baseline_dir, ir_label_dir, device, ids=missing_ids,
-                                                      num_workers=ns.loader_workers)
-                result = amn.build_amn_bank_sharded(model, single, settings, device, baseline_dir=baseline_dir,
-                                                    ir_label_dir=ir_label_dir, bank_path=bank, extra_meta=meta,
-                                                    num_workers=ns.loader_workers)
-    finally:
-        if ctx is not None:
-            ctx.close()
+                    amn.amn_baseline_pass(model, Subset(msf, missing), baseline_dir, ir_label_dir,
+                                          skip_existing=True, workers=_irn_family.resolve_workers(settings.base),
+                                          device=settings.base.device, num_workers=ns.loader_workers)
+            result = amn.build_amn_bank(model, single, settings, baseline_dir=baseline_dir,
+                                        ir_label_dir=ir_label_dir, bank_path=bank, device=settings.base.device,
+                                        extra_meta=meta, num_workers=ns.loader_workers)
+        else:  # torchrun: each rank computes its shard of the missing maps and of the features
+            device = _irn_family.rank_device(ctx, settings.base.device)
+            if msf is not None:
+                missing_ids = _irn_family.missing_files(msf, baseline_dir)
+                if missing_ids:
+                    amn.sharded_amn_baseline_pass(model, msf, baseline_dir, ir_label_dir, device, ids=missing_ids,
+                                                  num_workers=ns.loader_workers)
+            result = amn.build_amn_bank_sharded(model, single, settings, device, baseline_dir=baseline_dir,
+                                                ir_label_dir=ir_label_dir, bank_path=bank, extra_meta=meta,
+                                                num_workers=ns.loader_workers)
     if ctx is None or ctx.is_main:
         logger.warning("bank %s: %r", bank, result)
     return 0
@@ -167,44 +161,39 @@ def _cmd_make(ns: argparse.Namespace) -> int:
     plist = _list_path(ns.list)
     voc = os.path.abspath(ns.voc12_root)
     out = os.path.abspath(ns.out)
-    ctx = _irn_family.init_torchrun(settings.base.workers)
-    try:
-        with _in_host(ns.host):
-            importlib.import_module("lpcam_adapters.amn")
-            model = _model(ns)
-            loader = importlib.import_module("voc12.dataloader")
-            msf = loader.VOC12ClassificationDatasetMSF(plist, voc12_root=voc, scales=tuple(ns.scales))
-            workers = _irn_family.resolve_workers(settings.base)
-            device = None if ctx is None else _irn_family.rank_device(ctx, settings.base.device)
-            if ns.baseline:
-                if ctx is None:
-                    amn.amn_baseline_pass(model, msf, out, os.path.abspath(ns.ir_label_dir), workers=workers,
-                                          device=settings.base.device, num_workers=ns.loader_workers)
-                else:
-                    amn.sharded_amn_baseline_pass(model, msf, out, os.path.abspath(ns.ir_label_dir), device,
-                                                  overwrite=ns.overwrite, num_workers=ns.loader_workers)
+    with _irn_family.torchrun_session(settings.base.workers) as ctx, _in_host(ns.host):
+        importlib.import_module("lpcam_adapters.amn")
+        model = _model(ns)
+        loader = importlib.import_module("voc12.dataloader")
+        msf = loader.VOC12ClassificationDatasetMSF(plist, voc12_root=voc, scales=tuple(ns.scales))
+        workers = _irn_family.resolve_workers(settings.base)
+        device = None if ctx is None else _irn_family.rank_device(ctx, settings.base.device)
+        if ns.baseline:
+            if ctx is None:
+                amn.amn_baseline_pass(model, msf, out, os.path.abspath(ns.ir_label_dir), workers=workers,
+                                      device=settings.base.device, num_workers=ns.loader_workers)
             else:
-                from lpcam_core import PrototypeBank
+                amn.sharded_amn_baseline_pass(model, msf, out, os.path.abspath(ns.ir_label_dir), device,
+                                              overwrite=ns.overwrite, num_workers=ns.loader_workers)
+        else:
+            from lpcam_core import PrototypeBank
 
-                bank_path = os.path.abspath(ns.bank)
-                bank = PrototypeBank.load(bank_path, num_classes=amn.NUM_CLASSES)
-                choices = bank.meta.get("amn_choices") or {}
-                if choices and choices.get("features") != settings.features:
-                    raise ValueError(f"{ns.bank} was built on {choices.get('features')} features, "
-                                     f"not {settings.features}: pass the same --features")
-                if bank.meta.get("amn_fingerprint") not in (None, amn._amn_fingerprint(model)):
-                    raise ValueError(f"{ns.bank} was built with another AMN checkpoint: "
-                                     "rebuild it with `lpcam amn prototypes`")
-                if ctx is None:
-                    amn.amn_lpcam_pass(model, msf, bank_path, out, settings, workers=workers,
-                                       device=settings.base.device, num_workers=ns.loader_workers)
-                else:
-                    baseline_dir = os.path.splitext(bank_path)[0] + "_baseline"
-                    amn.sharded_amn_lpcam_pass(model, msf, bank_path, out, settings, device, read_dirs=[baseline_dir],
-                                               overwrite=ns.overwrite, num_workers=ns.loader_workers)
-    finally:
-        if ctx is not None:
-            ctx.close()
+            bank_path = os.path.abspath(ns.bank)
+            bank = PrototypeBank.load(bank_path, num_classes=amn.NUM_CLASSES)
+            choices = bank.meta.get("amn_choices") or {}
+            if choices and choices.get("features") != settings.features:
+                raise ValueError(f"{ns.bank} was built on {choices.get('features')} features, "
+                                 f"not {settings.features}: pass the same --features")
+            if bank.meta.get("amn_fingerprint") not in (None, amn._amn_fingerprint(model)):
+                raise ValueError(f"{ns.bank} was built with another AMN checkpoint: "
+                                 "rebuild it with `lpcam amn prototypes`")
+            if ctx is None:
+                amn.amn_lpcam_pass(model, msf, bank_path, out, settings, workers=workers,
+                                   device=settings.base.device, num_workers=ns.loader_workers)
+            else:
+                baseline_dir = os.path.splitext(bank_path)[0] + "_baseline"
+                amn.sharded_amn_lpcam_pass(model, msf, bank_path, out, settings, device, read_dirs=[baseline_dir],
+                                           overwrite=ns.overwrite, num_workers=ns.loader_workers)
     if ctx is None or ctx.is_main:
         logger.warning("%s maps of %d images written to %s", "AMN" if ns.baseline else "LPCAM", len(msf), out)
         if not ns.baseline:

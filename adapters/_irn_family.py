@@ -34,15 +34,15 @@ to the host's.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
 import logging
-import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,8 @@ __all__ = [
     "lpcam_pass",
     "launched_by_torchrun",
     "init_torchrun",
+    "torchrun_session",
+    "missing_indices",
     "sharded_maps",
     "sharded_baseline_pass",
     "sharded_lpcam_pass",
@@ -794,6 +796,17 @@ def launched_by_torchrun(environ: Mapping[str, str] | None = None) -> bool:
     return "RANK" in env and "WORLD_SIZE" in env
 
 
+@contextlib.contextmanager
+def torchrun_session(workers: int | None, option: str = "--workers") -> Iterator[Any]:
+    """:func:`init_torchrun` for a ``with`` block: yields the context (None without torchrun), closes it on exit."""
+    ctx = init_torchrun(workers, option)
+    try:
+        yield ctx
+    finally:
+        if ctx is not None:
+            ctx.close()
+
+
 def init_torchrun(workers: int | None, option: str = "--workers") -> Any:
     """The process group of a torchrun launch (:func:`lpcam_core.distributed.init_from_env`), or None.
 
@@ -964,13 +977,20 @@ def check_baseline_record_once(baseline_dir: str | os.PathLike, record: Mapping[
         check_baseline_record(baseline_dir, record)
 
 
+def missing_indices(dataset: Any, out_dir: str | os.PathLike) -> list[int]:
+    """Positions of the items of ``dataset`` (a host dataset) without ``<out_dir>/<id>.npy``."""
+    folder = os.fspath(out_dir)
+    return [i for i, name in enumerate(image_ids(dataset)) if not os.path.isfile(os.path.join(folder, name + ".npy"))]
+
+
 def missing_files(dataset: Any, out_dir: str | os.PathLike) -> list[str]:
     """Ids of ``dataset`` without ``<out_dir>/<id>.npy``, decided on rank 0 and sent to every rank."""
     from lpcam_core import distributed as lpdist
 
     missing = None
     if lpdist.rank() == 0:
-        missing = [i for i in image_ids(dataset) if not os.path.isfile(os.path.join(os.fspath(out_dir), i + ".npy"))]
+        ids = image_ids(dataset)
+        missing = [ids[i] for i in missing_indices(dataset, out_dir)]
     return lpdist.broadcast_object(missing)
 
 
@@ -1127,8 +1147,7 @@ def make_cam_pass(
         "scales": [float(x) for x in args.cam_scales],
     })
     proto_msf = dataloader.VOC12ClassificationDatasetMSF(settings.proto_list, voc12_root=args.voc12_root, scales=args.cam_scales)
-    missing = [i for i, n in enumerate(proto_msf.img_name_list)
-               if not os.path.isfile(os.path.join(baseline_dir, dataloader.decode_int_filename(n) + ".npy"))]
+    missing = missing_indices(proto_msf, baseline_dir)
     if missing:
         from torch.utils.data import Subset
 

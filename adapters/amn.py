@@ -1112,8 +1112,7 @@ def make_amn_cam_pass(args: Any, original_run: Callable[[Any], Any] | None, sett
     if settings.split == "amn_cam":
         proto_msf = dataloader.VOC12ClassificationDatasetMSF(base.proto_list, voc12_root=args.voc12_root,
                                                              scales=args.cam_scales)
-        missing = [i for i, n in enumerate(proto_msf.img_name_list)
-                   if not os.path.isfile(os.path.join(baseline_dir, dataloader.decode_int_filename(n) + ".npy"))]
+        missing = _irn_family.missing_indices(proto_msf, baseline_dir)
         if missing:
             from torch.utils.data import Subset
 
