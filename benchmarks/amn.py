@@ -70,16 +70,7 @@ log = IRN.log
 
 def run_host(work: Path, root: Path, flags: list[str], env: dict, logfile: Path, what: str) -> str:
     """AMN's run_sample.py (every pass defaults to False there) with ``flags``."""
-    cmd = [sys.executable, "run_sample.py", "--voc12_root", str(root), *flags]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
-    with open(logfile, "a") as handle:
-        handle.write(f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}\n")
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
-        raise SystemExit(f"host run failed ({what}); full log: {logfile}")
-    log(f"{what}: {time.perf_counter() - t0:.0f}s")
-    return proc.stdout
+    return IRN.run_logged([sys.executable, "run_sample.py", "--voc12_root", str(root), *flags], work, env, logfile, what)
 
 
 def prepare(ns: argparse.Namespace, out: Path) -> tuple[Path, Path, dict, list[str]]:

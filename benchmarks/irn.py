@@ -77,8 +77,8 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", flush=True)
 
 
-def run_host(bench: Bench, work: Path, root: Path, enabled: set[str], flags: list[str], env: dict, logfile: Path) -> str:
-    cmd = bench.command(root, enabled, flags)
+def run_logged(cmd: list[str], work: Path, env: dict, logfile: Path, what: str) -> str:
+    """Run a host command in ``work``, append its output to ``logfile``; on failure print its tail and exit."""
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
     logfile.parent.mkdir(parents=True, exist_ok=True)
@@ -86,9 +86,14 @@ def run_host(bench: Bench, work: Path, root: Path, enabled: set[str], flags: lis
         handle.write(f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}\n")
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
-        raise SystemExit(f"host run failed ({' '.join(sorted(enabled))}); full log: {logfile}")
-    log(f"{'+'.join(sorted(enabled))} ({env.get('LPCAM', '1') != '0' and 'LPCAM' or 'CAM'}): {time.perf_counter() - t0:.0f}s")
+        raise SystemExit(f"host run failed ({what}); full log: {logfile}")
+    log(f"{what}: {time.perf_counter() - t0:.0f}s")
     return proc.stdout
+
+
+def run_host(bench: Bench, work: Path, root: Path, enabled: set[str], flags: list[str], env: dict, logfile: Path) -> str:
+    maps = "LPCAM" if env.get("LPCAM", "1") != "0" else "CAM"
+    return run_logged(bench.command(root, enabled, flags), work, env, logfile, f"{'+'.join(sorted(enabled))} ({maps})")
 
 
 def prepare(bench: Bench, ns: argparse.Namespace, out: Path) -> tuple[Path, Path, dict, list[str]]:
