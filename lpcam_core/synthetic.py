@@ -16,7 +16,10 @@ Each class is a "creature" made of three parts:
 * a **body**: a large striped ellipse from one texture family (brownish fur with stripes).
   Every class has its own variant of it (hue, stripe angle and stripe period shift by
   ``1 - sharing`` times a fixed spread), blurred by per-instance jitter. Bodies look alike
-  across classes yet stay class-specific, which is what makes them recoverable.
+  across classes yet stay class-specific, which is what makes them recoverable. The
+  variants are evenly spaced over the spread; with fewer than 6 classes they keep the
+  6-class spacing instead of moving apart, since bodies far apart are discriminative in
+  their own right (the CAM then covers them and the premise no longer holds).
 * **legs**: thin dark bars, the same for all classes up to a subtle per-class shade and width.
 
 The ground truth is the whole creature. Backgrounds are procedural textures (waves, smooth
@@ -76,7 +79,9 @@ __all__ = [
 _PARAMS_FILE = "synthetic_params.json"
 #: Values of the part maps.
 PART_NAMES = {0: "background", 1: "head", 2: "body", 3: "legs"}
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3  # 3: body variants of fewer than 6 classes no further apart than 6 classes
+#: Body variants are spaced as if there were at least this many classes (see ``_class_styles``).
+MIN_BODY_SLOTS = 6
 _BACKGROUND_KINDS = ("waves", "noise", "tiles", "gradient")
 
 
@@ -304,8 +309,13 @@ def _class_styles(cfg: SyntheticConfig) -> list[_ClassStyle]:
     rng = np.random.default_rng([cfg.seed, 7_919])
     spread = 1.0 - cfg.sharing
 
-    def spaced() -> np.ndarray:  # evenly spaced in [-1, 1], in a seed-dependent order
-        return rng.permutation(np.linspace(-1.0, 1.0, n))
+    # Neighbouring body variants sit ``2 / max(n - 1, 5)`` apart on each axis: evenly spaced
+    # over [-1, 1] from 6 classes on, and never further apart with fewer classes, so that with
+    # 4 classes the bodies do not become discriminative in their own right.
+    extent = (n - 1) / max(n - 1, MIN_BODY_SLOTS - 1)  # 1 from 6 classes on
+
+    def spaced() -> np.ndarray:  # centred on 0, evenly spaced, in a seed-dependent order
+        return rng.permutation(np.linspace(-extent, extent, n))
 
     hue_off, angle_off, period_off, leg_off, width_off = spaced(), spaced(), spaced(), spaced(), spaced()
     head_hue0 = rng.uniform(0, 360)

@@ -167,6 +167,31 @@ def test_sharing_one_makes_bodies_identical():
     assert len({s.body_hue for s in varied}) == len(varied)
 
 
+def nearest_gap(values) -> float:
+    ordered = np.sort(np.asarray(values, dtype=float))
+    return float(np.diff(ordered).min())
+
+
+def test_body_variants_never_further_apart_than_six_classes():
+    """Fewer classes must not make the bodies discriminative: neighbours sit at most as far
+    apart as with 6 classes, and every variant stays in the texture family's range."""
+    from lpcam_core.synthetic import _class_styles
+
+    for seed in (0, 1):
+        six = nearest_gap([s.body_hue for s in _class_styles(tiny(num_classes=6, seed=seed))])
+        for n in (2, 3, 4, 5, 6, 10, 20):
+            styles = _class_styles(tiny(num_classes=n, seed=seed))
+            hues = [s.body_hue for s in styles]
+            angles = [s.stripe_angle for s in styles]
+            assert nearest_gap(hues) <= six + 1e-9, n
+            assert nearest_gap(hues) > 0 and nearest_gap(angles) > 0, n
+            # spread 0.5 around hue 30 and angle 90: within +-15 and +-30 degrees
+            assert max(abs(h - 30.0) for h in hues) <= 15.0 + 1e-9, n
+            assert max(abs(a - 90.0) for a in angles) <= 30.0 + 1e-9, n
+        four = _class_styles(tiny(num_classes=4, seed=seed))
+        assert nearest_gap([s.body_hue for s in four]) == pytest.approx(six)
+
+
 @pytest.mark.parametrize(
     ("changes", "error", "name"),
     [
