@@ -81,7 +81,7 @@ _PARAMS_FILE = "synthetic_params.json"
 PART_NAMES = {0: "background", 1: "head", 2: "body", 3: "legs"}
 _FORMAT_VERSION = 3  # 3: body variants of fewer than 6 classes no further apart than 6 classes
 #: Body variants are spaced as if there were at least this many classes (see ``_class_styles``).
-MIN_BODY_SLOTS = 6
+_MIN_BODY_SLOTS = 6
 _BACKGROUND_KINDS = ("waves", "noise", "tiles", "gradient")
 
 
@@ -312,7 +312,7 @@ def _class_styles(cfg: SyntheticConfig) -> list[_ClassStyle]:
     # Neighbouring body variants sit ``2 / max(n - 1, 5)`` apart on each axis: evenly spaced
     # over [-1, 1] from 6 classes on, and never further apart with fewer classes, so that with
     # 4 classes the bodies do not become discriminative in their own right.
-    extent = (n - 1) / max(n - 1, MIN_BODY_SLOTS - 1)  # 1 from 6 classes on
+    extent = (n - 1) / max(n - 1, _MIN_BODY_SLOTS - 1)  # 1 from 6 classes on
 
     def spaced() -> np.ndarray:  # centred on 0, evenly spaced, in a seed-dependent order
         return rng.permutation(np.linspace(-extent, extent, n))
