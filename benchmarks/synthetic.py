@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--mu-b", type=float, default=None, help="context prototype upper bound (paper: 0.9)")
     m.add_argument("--context-low", type=float, default=None, help="context prototype lower bound (VOC code: 0.05)")
     m.add_argument("--scales", type=float, nargs="+", default=None, help="inference scales (paper: 1 0.5 1.5 2)")
+    m.add_argument("--pool-cam-scales", type=float, nargs="+", default=None,
+                   help="scales (with flips) of the baseline CAM that splits the class and context pools "
+                        "(default: the inference scales, as the IRN family's make_cam)")
     return p.parse_args(argv)
 
 
@@ -83,6 +86,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     out = {target: getattr(args, name) for name, target in _MAPPING.items() if getattr(args, name) is not None}
     if args.scales is not None:
         out["scales"] = tuple(args.scales)
+    if args.pool_cam_scales is not None:
+        out["pool_cam_scales"] = tuple(args.pool_cam_scales)
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -84,3 +85,32 @@ def test_format_table_shape():
     row = {"miou": 50.0, "precision": 60.0, "recall": 70.0, "threshold": 0.25, "miou_at_eval": 45.0}
     table = format_table({key: row for key in METHODS})
     assert table.count("\n") == 4 and "mIoU @ 0.3" in table
+
+
+def test_pools_are_split_by_the_inference_scales_unless_told(monkeypatch, tmp_path):
+    # The release clusters with the IRN family's multi-scale CAM files (PAPER.md step 1).
+    settings = DemoSettings()
+    assert settings.pool_cam_scales == settings.scales == (1.0, 0.5, 1.5, 2.0)
+    assert DemoSettings(scales=(1.0, 0.5)).pool_cam_scales == (1.0, 0.5)
+    assert DemoSettings(pool_cam_scales=(1.0,)).pool_cam_scales == (1.0,)
+    with pytest.raises(ValueError, match="pool_cam_scales"):
+        DemoSettings(pool_cam_scales=(1.0, -2.0))
+
+    from lpcam_core import demo, extractor
+
+    seen = []
+    real_fit = extractor.LPCAM.fit
+
+    def spy(self, *args, cam_scales=None, **kwargs):
+        seen.append(cam_scales)
+        return real_fit(self, *args, cam_scales=cam_scales, **kwargs)
+
+    monkeypatch.setattr(extractor.LPCAM, "fit", spy)
+    quick = demo_settings(0, quick=True, data_num_images=16, data_image_size=48, threads=1,
+                          scales=(1.0, 0.5), pool_cam_scales=None)
+    demo.write_voc(quick.data, tmp_path, progress=False)
+    train = demo.load_voc(tmp_path, "train", quick.data.num_classes)
+    model = demo.CAMNet(quick.data.num_classes, quick.width, quick.feature_dim, quick.last_kernel).eval()
+    demo.build_bank(model, train, quick, progress=False)
+    demo.build_bank(model, train, dataclasses.replace(quick, pool_cam_scales=(1.5,)), progress=False)
+    assert [tuple(s) for s in seen] == [(1.0, 0.5), (1.5,)]
