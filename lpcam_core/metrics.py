@@ -31,6 +31,7 @@ __all__ = [
     "confusion_matrix",
     "iou_from_confusion",
     "scores_from_confusion",
+    "bootstrap_difference",
     "cams_to_label",
     "accumulate_confusions",
     "evaluate_from_arrays",
@@ -271,6 +272,84 @@ def scores_from_confusion(conf: Any) -> dict[str, Any]:
         "fn": 1.0 - mean_recall,
         "pixel_accuracy": float(tp.sum() / total) if total else float("nan"),
     }
+
+
+def _batched_scores(conf: np.ndarray) -> dict[str, np.ndarray]:
+    """``miou``, ``mean_precision``, ``mean_recall`` ``[B]`` of confusion matrices ``[B, n, n]``.
+
+    NaN-means as :func:`scores_from_confusion` (an all-NaN row gives NaN, without a warning).
+    """
+    import warnings
+
+    tp = np.diagonal(conf, axis1=1, axis2=2)
+    gt_count, pred_count = conf.sum(axis=2), conf.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {
+            "miou": np.nanmean(tp / (gt_count + pred_count - tp), axis=1),
+            "mean_precision": np.nanmean((tp / pred_count)[:, 1:], axis=1),
+            "mean_recall": np.nanmean((tp / gt_count)[:, 1:], axis=1),
+        }
+
+
+def bootstrap_difference(
+    confs_a: Any,
+    confs_b: Any,
+    *,
+    num_samples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Paired bootstrap over images of the score difference ``b - a`` (e.g. LPCAM - CAM).
+
+    Each resample draws the images with replacement, the same draw for both methods, sums
+    their per-image confusion matrices and scores them: the interval says how much a gain
+    measured on these images could move with other images of the same kind. Thresholds are
+    held fixed (choose them before, e.g. each method's best on all images), so the interval
+    does not include the threshold choice.
+
+    Args:
+        confs_a: Per-image confusion matrices ``[N, n, n]`` of method a (rows ground truth).
+        confs_b: The same images' matrices ``[N, n, n]`` of method b.
+        num_samples: Bootstrap resamples.
+        level: Coverage of the percentile interval.
+        seed: Seed of the resampling.
+
+    Returns:
+        ``{"miou" | "mean_precision" | "mean_recall": {"difference", "low", "high"}}``:
+        fractions, the difference on all images and its percentile interval.
+
+    Raises:
+        ValueError: shapes that differ or are not ``[N, n, n]`` with ``N >= 1``, ``num_samples
+            < 1`` or ``level`` outside (0, 1).
+    """
+    a = _to_numpy(confs_a).astype(np.float64)
+    b = _to_numpy(confs_b).astype(np.float64)
+    if a.ndim != 3 or a.shape[1] != a.shape[2] or a.shape[0] < 1:
+        raise ValueError(f"confs_a must be per-image confusion matrices [N, n, n] with N >= 1, got shape {a.shape}")
+    if b.shape != a.shape:
+        raise ValueError(f"confs_b must have the shape of confs_a {a.shape}, got {b.shape}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    n_images, n = a.shape[0], a.shape[1]
+    rng = np.random.default_rng(seed)
+    # Counts of each image in each resample [S, N]: one multinomial draw per resample.
+    weights = rng.multinomial(n_images, np.full(n_images, 1.0 / n_images), size=num_samples).astype(np.float64)
+    resampled_a = (weights @ a.reshape(n_images, -1)).reshape(num_samples, n, n)
+    resampled_b = (weights @ b.reshape(n_images, -1)).reshape(num_samples, n, n)
+    full_a = _batched_scores(a.sum(axis=0, keepdims=True))
+    full_b = _batched_scores(b.sum(axis=0, keepdims=True))
+    boot_a, boot_b = _batched_scores(resampled_a), _batched_scores(resampled_b)
+    tail = 100.0 * (1.0 - level) / 2.0
+    out = {}
+    for key in ("miou", "mean_precision", "mean_recall"):
+        diff = boot_b[key] - boot_a[key]
+        diff = diff[~np.isnan(diff)]
+        low, high = np.percentile(diff, [tail, 100.0 - tail]) if diff.size else (np.nan, np.nan)
+        out[key] = {"difference": float(full_b[key][0] - full_a[key][0]), "low": float(low), "high": float(high)}
+    return out
 
 
 # --------------------------------------------------------------------------- CAM -> labels

@@ -114,3 +114,14 @@ def test_pools_are_split_by_the_inference_scales_unless_told(monkeypatch, tmp_pa
     demo.build_bank(model, train, quick, progress=False)
     demo.build_bank(model, train, dataclasses.replace(quick, pool_cam_scales=(1.5,)), progress=False)
     assert [tuple(s) for s in seen] == [(1.0, 0.5), (1.5,)]
+
+
+def test_gain_interval_agrees_with_the_table(tiny_run):
+    # Per-image matrices at each method's best threshold must add up to the swept evaluation.
+    out, results = tiny_run
+    interval = results["gain_interval"]
+    for name in ("miou", "precision", "recall"):
+        expected = results["lpcam"][name] - results["cam"][name]
+        assert interval[name]["difference"] == pytest.approx(expected, abs=1e-9)
+        assert interval[name]["low"] <= interval[name]["high"]
+    assert "bootstrap interval" in (out / "report.md").read_text()

@@ -309,3 +309,65 @@ def test_file_evaluation_errors(tmp_path):
         m.evaluate_seeds(cam_dir, tmp_path / "nope", ids, 0.5, progress=False)
     with pytest.raises(TypeError, match="read_id_list"):
         m.evaluate_seeds(cam_dir, gt_dir, "train.txt", 0.5, progress=False)
+
+
+# --------------------------------------------------------------------------- paired bootstrap
+
+
+def _per_image_confusions(preds, gts, n):
+    return np.stack([m.confusion_matrix([p], [g], num_classes=n) for p, g in zip(preds, gts)])
+
+
+def _noisy_predictions(gts, flip_share, rng, n):
+    """Ground truths with ``flip_share`` of the pixels relabelled at random."""
+    out = []
+    for g in gts:
+        p = g.copy()
+        flip = rng.random(g.shape) < flip_share
+        p[flip] = rng.integers(0, n, size=int(flip.sum()))
+        out.append(p)
+    return out
+
+
+def test_bootstrap_difference_matches_the_scores_of_all_images_and_orders_its_interval():
+    rng = np.random.default_rng(3)
+    n = 4
+    gts = [rng.integers(0, n, size=(12, 12)) for _ in range(30)]
+    worse = _per_image_confusions(_noisy_predictions(gts, 0.6, rng, n), gts, n)
+    better = _per_image_confusions(_noisy_predictions(gts, 0.2, rng, n), gts, n)
+    out = m.bootstrap_difference(worse, better, num_samples=400, seed=1)
+    full_worse, full_better = m.scores_from_confusion(worse.sum(0)), m.scores_from_confusion(better.sum(0))
+    for key in ("miou", "mean_precision", "mean_recall"):
+        assert out[key]["difference"] == pytest.approx(full_better[key] - full_worse[key])
+        assert 0 < out[key]["low"] <= out[key]["difference"] <= out[key]["high"]
+    # Swapping the methods mirrors the interval.
+    swapped = m.bootstrap_difference(better, worse, num_samples=400, seed=1)
+    assert swapped["miou"]["low"] == pytest.approx(-out["miou"]["high"])
+    # Seeded: the same call gives the same interval, another seed another one.
+    assert m.bootstrap_difference(worse, better, num_samples=400, seed=1) == out
+    assert m.bootstrap_difference(worse, better, num_samples=400, seed=2)["miou"]["low"] != out["miou"]["low"]
+
+
+def test_bootstrap_interval_is_zero_for_identical_methods_and_narrows_with_more_images():
+    rng = np.random.default_rng(5)
+    n = 3
+    gts = [rng.integers(0, n, size=(8, 8)) for _ in range(200)]
+    a = _per_image_confusions(_noisy_predictions(gts, 0.5, rng, n), gts, n)
+    b = _per_image_confusions(_noisy_predictions(gts, 0.4, rng, n), gts, n)
+    same = m.bootstrap_difference(a, a, num_samples=50)
+    assert all(v == {"difference": 0.0, "low": 0.0, "high": 0.0} for v in same.values())
+    few = m.bootstrap_difference(a[:20], b[:20], num_samples=500)["miou"]
+    many = m.bootstrap_difference(a, b, num_samples=500)["miou"]
+    assert many["high"] - many["low"] < few["high"] - few["low"]
+
+
+def test_bootstrap_difference_rejects_bad_input():
+    a = np.zeros((5, 3, 3))
+    with pytest.raises(ValueError, match="confs_b"):
+        m.bootstrap_difference(a, np.zeros((4, 3, 3)))
+    with pytest.raises(ValueError, match="confs_a"):
+        m.bootstrap_difference(np.zeros((3, 3)), np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="num_samples"):
+        m.bootstrap_difference(a, a, num_samples=0)
+    with pytest.raises(ValueError, match="level"):
+        m.bootstrap_difference(a, a, level=1.0)
