@@ -1,0 +1,54 @@
+"""benchmarks/synthetic.py on tiny settings: its options reach the pipeline and its JSON keeps its contract."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "synthetic.py"
+TINY = ["--num-images", "24", "--image-size", "64", "--epochs", "1", "--width", "16", "--feature-dim", "32",
+        "--k", "3", "--scales", "1", "--threads", "1", "--quiet"]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("synthetic_benchmark_under_test", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load()
+
+
+def test_options_become_settings():
+    args = bench.parse_args(["--num-classes", "4", "--tau", "0.2", "--k", "8", "--mu-b", "0.5",
+                             "--pool-cam-scales", "1", "0.5", "--scales", "1", "2"])
+    settings = bench.demo_settings(0, **bench.overrides_from_args(args))
+    assert settings.data.num_classes == 4
+    assert (settings.fg_threshold, settings.num_clusters, settings.context_high) == (0.2, 8, 0.5)
+    assert settings.pool_cam_scales == (1.0, 0.5) and settings.scales == (1.0, 2.0)
+    # Without --pool-cam-scales the pools follow the inference scales.
+    default = bench.demo_settings(0, **bench.overrides_from_args(bench.parse_args(["--scales", "1", "2"])))
+    assert default.pool_cam_scales == (1.0, 2.0)
+
+
+def test_json_holds_the_three_rows_the_settings_and_every_seed(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert bench.main(["--seed", "0", "1", "--json", str(out), "--data-root", str(tmp_path / "data"), *TINY]) == 0
+    payload = json.loads(out.read_text())
+    for key in ("cam", "lpcam_no_context", "lpcam"):
+        for score in ("miou", "precision", "recall", "threshold"):
+            assert isinstance(payload[key][score], float), (key, score)
+    assert payload["settings"]["seeds"] == [0, 1] and payload["settings"]["num_clusters"] == 3
+    assert [run["settings"]["seed"] for run in payload["runs"]] == [0, 1]
+    for run in payload["runs"]:
+        gain = run["gain_interval"]["miou"]
+        assert abs(gain["difference"] - (run["lpcam"]["miou"] - run["cam"]["miou"])) < 1e-9
+    # The rows are the means of the seeds' rows.
+    mean = sum(run["lpcam"]["miou"] for run in payload["runs"]) / 2
+    assert abs(payload["lpcam"]["miou"] - mean) < 1e-9
+    printed = capsys.readouterr().out
+    assert "| 1 | LPCAM |" in printed and "seed 1: LPCAM - CAM" in printed
