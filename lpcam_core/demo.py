@@ -830,8 +830,9 @@ def write_report(out_dir: str | os.PathLike, results: dict[str, Any], artifacts:
         f"Seed {settings['seed']}; {data['num_images']} synthetic images of {data['image_size']}x"
         f"{data['image_size']} px ({data['num_classes']} classes, {len(val)} held out for evaluation); "
         f"a {settings['width']}-channel stride-4 CNN trained from scratch for {settings['epochs']} epochs "
-        "with image labels only. Seeds of the held-out images, scales "
-        f"{', '.join(f'{s:g}' for s in settings['scales'])} with flips.",
+        "with image labels only. Prototypes from the training images, their class and context pools "
+        f"split by the CAM at scales {', '.join(f'{s:g}' for s in settings['pool_cam_scales'])} with flips; "
+        f"seeds of the held-out images, scales {', '.join(f'{s:g}' for s in settings['scales'])} with flips.",
         "",
         "## Seeds (the paper's Table 1 shape)",
         "",
