@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "synthetic.py"
+from benchmark_loader import load_benchmark
+
 TINY = ["--num-images", "24", "--image-size", "64", "--epochs", "1", "--width", "16", "--feature-dim", "32",
         "--k", "3", "--scales", "1", "--threads", "1", "--quiet"]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("synthetic_benchmark_under_test", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load()
+bench = load_benchmark("synthetic")
 
 
 def test_options_become_settings():

@@ -314,27 +314,29 @@ def test_file_evaluation_errors(tmp_path):
 # --------------------------------------------------------------------------- paired bootstrap
 
 
-def _per_image_confusions(preds, gts, n):
-    return np.stack([m.confusion_matrix([p], [g], num_classes=n) for p, g in zip(preds, gts)])
+def _two_methods(seed, n, num_images, size, flip_a, flip_b):
+    """Per-image confusion matrices ``[N, n, n]`` of two methods on random ground truths.
 
+    Each method is the ground truth with a share (``flip_a``, ``flip_b``) of its pixels relabelled
+    at random: the smaller the share, the better the method.
+    """
+    rng = np.random.default_rng(seed)
+    gts = [rng.integers(0, n, size=(size, size)) for _ in range(num_images)]
 
-def _noisy_predictions(gts, flip_share, rng, n):
-    """Ground truths with ``flip_share`` of the pixels relabelled at random."""
-    out = []
-    for g in gts:
-        p = g.copy()
-        flip = rng.random(g.shape) < flip_share
-        p[flip] = rng.integers(0, n, size=int(flip.sum()))
-        out.append(p)
-    return out
+    def method(flip_share):
+        confs = []
+        for g in gts:
+            p = g.copy()
+            flip = rng.random(g.shape) < flip_share
+            p[flip] = rng.integers(0, n, size=int(flip.sum()))
+            confs.append(m.confusion_matrix([p], [g], num_classes=n))
+        return np.stack(confs)
+
+    return method(flip_a), method(flip_b)
 
 
 def test_bootstrap_difference_matches_the_scores_of_all_images_and_orders_its_interval():
-    rng = np.random.default_rng(3)
-    n = 4
-    gts = [rng.integers(0, n, size=(12, 12)) for _ in range(30)]
-    worse = _per_image_confusions(_noisy_predictions(gts, 0.6, rng, n), gts, n)
-    better = _per_image_confusions(_noisy_predictions(gts, 0.2, rng, n), gts, n)
+    worse, better = _two_methods(3, n=4, num_images=30, size=12, flip_a=0.6, flip_b=0.2)
     out = m.bootstrap_difference(worse, better, num_samples=400, seed=1)
     full_worse, full_better = m.scores_from_confusion(worse.sum(0)), m.scores_from_confusion(better.sum(0))
     for key in ("miou", "mean_precision", "mean_recall"):
@@ -349,11 +351,7 @@ def test_bootstrap_difference_matches_the_scores_of_all_images_and_orders_its_in
 
 
 def test_bootstrap_interval_is_zero_for_identical_methods_and_narrows_with_more_images():
-    rng = np.random.default_rng(5)
-    n = 3
-    gts = [rng.integers(0, n, size=(8, 8)) for _ in range(200)]
-    a = _per_image_confusions(_noisy_predictions(gts, 0.5, rng, n), gts, n)
-    b = _per_image_confusions(_noisy_predictions(gts, 0.4, rng, n), gts, n)
+    a, b = _two_methods(5, n=3, num_images=200, size=8, flip_a=0.5, flip_b=0.4)
     same = m.bootstrap_difference(a, a, num_samples=50)
     assert all(v == {"difference": 0.0, "low": 0.0, "high": 0.0} for v in same.values())
     few = m.bootstrap_difference(a[:20], b[:20], num_samples=500)["miou"]

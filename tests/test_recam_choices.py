@@ -3,30 +3,17 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmark_loader import load_benchmark
 from lpcam_core.demo import CAMNet, _to_tensor, demo_settings, train_classifier
 from lpcam_core.synthetic import generate
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "recam_choices.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("recam_choices_under_test", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-rc = _load()
+rc = load_benchmark("recam_choices")
 
 
 @pytest.fixture(scope="module")
