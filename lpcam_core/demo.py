@@ -441,8 +441,8 @@ def evaluate_seeds(seeds: dict[str, list[dict]], masks: np.ndarray, num_classes:
 
 
 def gain_interval(seeds: dict[str, list[dict]], masks: np.ndarray, num_classes: int, results: dict[str, Any],
-                  num_samples: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, dict[str, float]]:
-    """LPCAM - CAM on these images, with a paired bootstrap interval over the images.
+                  num_samples: int = 1000, seed: int = 0) -> dict[str, dict[str, float]]:
+    """LPCAM - CAM on these images, with a 95% paired bootstrap interval over the images.
 
     Each method's seeds are labelled at its best threshold (from ``results``, held fixed), one
     confusion matrix per image; :func:`~lpcam_core.metrics.bootstrap_difference` resamples the
@@ -463,7 +463,7 @@ def gain_interval(seeds: dict[str, list[dict]], masks: np.ndarray, num_classes: 
             matrix.update(_seed_label(record, threshold), mask)
             per_image.append(matrix.matrix)
         confs[method] = np.stack(per_image)
-    raw = bootstrap_difference(confs["cam"], confs["lpcam"], num_samples=num_samples, level=level, seed=seed)
+    raw = bootstrap_difference(confs["cam"], confs["lpcam"], num_samples=num_samples, level=0.95, seed=seed)
     names = {"miou": "miou", "mean_precision": "precision", "mean_recall": "recall"}
     return {names[key]: {k: 100.0 * v for k, v in value.items()} for key, value in raw.items()}
 

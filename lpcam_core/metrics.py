@@ -339,8 +339,7 @@ def bootstrap_difference(
     weights = rng.multinomial(n_images, np.full(n_images, 1.0 / n_images), size=num_samples).astype(np.float64)
     resampled_a = (weights @ a.reshape(n_images, -1)).reshape(num_samples, n, n)
     resampled_b = (weights @ b.reshape(n_images, -1)).reshape(num_samples, n, n)
-    full_a = _batched_scores(a.sum(axis=0, keepdims=True))
-    full_b = _batched_scores(b.sum(axis=0, keepdims=True))
+    full_a, full_b = scores_from_confusion(a.sum(axis=0)), scores_from_confusion(b.sum(axis=0))
     boot_a, boot_b = _batched_scores(resampled_a), _batched_scores(resampled_b)
     tail = 100.0 * (1.0 - level) / 2.0
     out = {}
@@ -348,7 +347,7 @@ def bootstrap_difference(
         diff = boot_b[key] - boot_a[key]
         diff = diff[~np.isnan(diff)]
         low, high = np.percentile(diff, [tail, 100.0 - tail]) if diff.size else (np.nan, np.nan)
-        out[key] = {"difference": float(full_b[key][0] - full_a[key][0]), "low": float(low), "high": float(high)}
+        out[key] = {"difference": full_b[key] - full_a[key], "low": float(low), "high": float(high)}
     return out
 
 
