@@ -385,7 +385,8 @@ def add_make_options(p: argparse.ArgumentParser, *, out_help: str, baseline_help
     p.add_argument("--baseline", action="store_true", help=baseline_help)
     p.add_argument("--overwrite", action="store_true",
                    help="under torchrun: recompute maps that already exist (default: keep complete files, so a "
-                        "restarted job resumes); without torchrun every map is written anyway")
+                        "restarted job resumes; a directory another checkpoint or bank filled is refused, see "
+                        "<out>/lpcam_maps.json); without torchrun every map is written anyway")
 
 
 def register(subparsers: Any) -> None:

@@ -508,9 +508,15 @@ def baseline_pass(
         num_workers: DataLoader workers per process.
     """
     os.makedirs(out_dir, exist_ok=True)
+    # A full rewrite records what made the maps (a baseline directory that keeps files has its own record).
+    record = None if skip_existing else maps_record("baseline", model, dataset, extra_weight=extra_weight)
+    if record is not None:
+        claim_map_dir(out_dir, record, overwrite=True)
     if workers > 1:  # each worker moves its copy to its own device
         model.cpu()
     _run(_baseline_worker, workers, (model, dataset, os.fspath(out_dir), extra_weight, skip_existing, device, num_workers))
+    if record is not None:
+        seal_map_dir(out_dir, record)
 
 
 BASELINE_RECORD = "lpcam_baseline.json"
@@ -782,9 +788,12 @@ def lpcam_pass(
         num_workers: DataLoader workers per process.
     """
     os.makedirs(out_dir, exist_ok=True)
+    record = maps_record("lpcam", model, dataset, bank_path=bank_path)
+    claim_map_dir(out_dir, record, overwrite=True)  # every file is rewritten
     if workers > 1:
         model.cpu()
     _run(_lpcam_worker, workers, (model, dataset, os.fspath(bank_path), os.fspath(out_dir), device, num_workers))
+    seal_map_dir(out_dir, record)
 
 
 # --------------------------------------------------------------------------- under torchrun
@@ -892,6 +901,7 @@ def sharded_maps(
     overwrite: bool = False,
     num_workers: int = 0,
     desc: str = "maps",
+    record: Mapping[str, Any] | None = None,
 ) -> Any:
     """Collective: one IRN-format file per image, sharded over the torchrun ranks, resumable.
 
@@ -904,11 +914,18 @@ def sharded_maps(
         overwrite: recompute files that exist and load (default: skip them).
         num_workers: DataLoader workers prefetching this rank's images.
         desc: log label.
+        record: what makes the maps (:func:`maps_record`): a directory holding maps of another
+            record is refused unless ``overwrite`` (:func:`claim_map_dir`); sealed once all exist.
 
     Returns:
         :class:`lpcam_core.distributed.GenerateStats` (totals over ranks).
     """
     from lpcam_core import distributed as lpdist
+    from lpcam_core.io import check_output_dir
+
+    if record is not None:
+        check_output_dir(out_dir, read_dirs=read_dirs)
+        claim_map_dir_once(out_dir, record, overwrite=overwrite)
 
     names = image_ids(dataset)
     todo = names if ids is None else [str(i) for i in ids]
@@ -922,10 +939,13 @@ def sharded_maps(
             return compute(feed(image_id))
 
     try:
-        return lpdist.generate(todo, one, out_dir, writer=lpdist.irn_writer, overwrite=overwrite,
-                               read_dirs=read_dirs, progress=sys.stderr.isatty(), desc=desc)
+        stats = lpdist.generate(todo, one, out_dir, writer=lpdist.irn_writer, overwrite=overwrite,
+                                read_dirs=read_dirs, progress=sys.stderr.isatty(), desc=desc)
     finally:
         feed.close()
+    if record is not None and lpdist.rank() == 0:
+        seal_map_dir(out_dir, record)
+    return stats
 
 
 def sharded_baseline_pass(
@@ -942,8 +962,11 @@ def sharded_baseline_pass(
     """:func:`baseline_pass` under torchrun: each rank writes its shard of ``ids`` (default all) on ``device``."""
     model = model.to(device)
     weight = extra_weight.to(device) if extra_weight is not None else None
+    # Filling in missing ids of a prototype run's baseline directory: its own record guards it.
+    record = maps_record("baseline", model, dataset, extra_weight=extra_weight) if ids is None else None
     return sharded_maps(dataset, lambda pack: _baseline_maps(model, pack, device, weight), out_dir, ids=ids,
-                        overwrite=overwrite, num_workers=num_workers, desc=f"baseline CAM -> {out_dir}")
+                        overwrite=overwrite, num_workers=num_workers, desc=f"baseline CAM -> {out_dir}",
+                        record=record)
 
 
 def sharded_lpcam_pass(
@@ -962,8 +985,99 @@ def sharded_lpcam_pass(
 
     bank = PrototypeBank.load(bank_path)
     model = model.to(device)
+    record = maps_record("lpcam", model, dataset, bank_path=bank_path)
     return sharded_maps(dataset, lambda pack: _lpcam_maps(model, pack, bank, device), out_dir, read_dirs=read_dirs,
-                        overwrite=overwrite, num_workers=num_workers, desc=f"LPCAM -> {out_dir}")
+                        overwrite=overwrite, num_workers=num_workers, desc=f"LPCAM -> {out_dir}", record=record)
+
+
+MAPS_RECORD = "lpcam_maps.json"
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 (16 hex digits) of a file's bytes (a prototype bank: rebuilt in place, it changes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def maps_record(kind: str, model: torch.nn.Module, dataset: Any, *, bank_path: str | os.PathLike | None = None,
+                extra_weight: torch.Tensor | None = None, **extra: Any) -> dict[str, Any]:
+    """What makes a map directory's files: ``{maps, model, scales[, bank], **extra}`` (fingerprints, not paths)."""
+    record: dict[str, Any] = {"maps": kind, "model": model_fingerprint(model, extra_weight), **extra}
+    scales = getattr(dataset, "scales", None)
+    record["scales"] = None if scales is None else [float(x) for x in scales]
+    if bank_path is not None:
+        record["bank"] = file_fingerprint(bank_path)
+    return record
+
+
+def claim_map_dir(out_dir: str | os.PathLike, record: Mapping[str, Any], *, overwrite: bool) -> None:
+    """Refuse to resume into a directory whose maps another checkpoint, bank or setting made.
+
+    A resumable run keeps the complete files it finds, so after a retraining or a rebuilt bank it
+    would silently mix old maps with new ones. ``<out_dir>/lpcam_maps.json`` records what made the
+    files: a new directory gets ``record`` now; a directory with the same record resumes; otherwise
+    (another record, or map files without one) the run needs ``overwrite``, which removes the record
+    until :func:`seal_map_dir` writes the new one once every file is rewritten (so a run killed
+    midway leaves no record, and the next run asks for ``--overwrite`` again).
+
+    Raises:
+        ValueError: the directory holds maps of another record (naming the differing keys), or map
+            files without a record, and ``overwrite`` is False.
+    """
+    folder = os.fspath(out_dir)
+    path = os.path.join(folder, MAPS_RECORD)
+    have = None
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            have = json.load(handle)
+    if have == dict(record):
+        return
+    existing = sum(1 for f in os.listdir(folder) if f.endswith(".npy")) if os.path.isdir(folder) else 0
+    if overwrite:
+        if have is not None:
+            os.unlink(path)
+        return
+    if have is not None:
+        diff = sorted(k for k in set(record) | set(have) if have.get(k) != record.get(k))
+        raise ValueError(
+            f"{folder} holds maps made by another {', '.join(diff)} "
+            f"({ {k: have.get(k) for k in diff} } != { {k: record.get(k) for k in diff} }); resuming would mix "
+            "old and new maps: pass --overwrite to recompute every file, or choose another output directory"
+        )
+    if existing:
+        raise ValueError(
+            f"{folder} holds {existing} map file(s) without {MAPS_RECORD} (an interrupted --overwrite run, or an "
+            "older version): nothing says which checkpoint and bank made them; pass --overwrite to recompute "
+            "every file, or choose another output directory"
+        )
+    seal_map_dir(folder, record)
+
+
+def seal_map_dir(out_dir: str | os.PathLike, record: Mapping[str, Any]) -> None:
+    """Write ``<out_dir>/lpcam_maps.json`` (atomically): every map file there was made as ``record`` says."""
+    from lpcam_core.io import atomic_write_bytes
+
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write_bytes(os.path.join(os.fspath(out_dir), MAPS_RECORD),
+                       json.dumps(dict(record), indent=1, sort_keys=True).encode())
+
+
+def claim_map_dir_once(out_dir: str | os.PathLike, record: Mapping[str, Any], *, overwrite: bool) -> None:
+    """Collective: :func:`claim_map_dir` on rank 0; its refusal is raised on every rank (no rank hangs)."""
+    from lpcam_core import distributed as lpdist
+
+    error = None
+    if lpdist.rank() == 0:
+        try:
+            claim_map_dir(out_dir, record, overwrite=overwrite)
+        except ValueError as exc:
+            error = str(exc)
+    error = lpdist.broadcast_object(error)
+    if error is not None:
+        raise ValueError(error)
 
 
 def check_baseline_record_once(baseline_dir: str | os.PathLike, record: Mapping[str, Any]) -> None:

@@ -800,8 +800,13 @@ def amn_baseline_pass(
         num_workers: DataLoader workers per process.
     """
     os.makedirs(out_dir, exist_ok=True)
+    record = None if skip_existing else _irn_family.maps_record("amn", model, dataset)
+    if record is not None:  # a full rewrite (a baseline directory that keeps files has its own record)
+        _irn_family.claim_map_dir(out_dir, record, overwrite=True)
     _irn_family._run(_amn_baseline_worker, workers,
                      (model, dataset, os.fspath(out_dir), os.fspath(ir_label_dir), skip_existing, device, num_workers))
+    if record is not None:
+        _irn_family.seal_map_dir(out_dir, record)
 
 
 # --------------------------------------------------------------------------- LPCAM maps in AMN's format
@@ -909,9 +914,18 @@ def amn_lpcam_pass(
         num_workers: DataLoader workers per process.
     """
     os.makedirs(out_dir, exist_ok=True)
+    record = _amn_lpcam_record(model, dataset, bank_path, settings)
+    _irn_family.claim_map_dir(out_dir, record, overwrite=True)  # every file is rewritten
     _irn_family._run(_amn_lpcam_worker, workers, (model, dataset, os.fspath(bank_path), os.fspath(out_dir),
                                                   settings.features == "conditioned", settings.background, device,
                                                   num_workers))
+    _irn_family.seal_map_dir(out_dir, record)
+
+
+def _amn_lpcam_record(model: nn.Module, dataset: Any, bank_path: str | os.PathLike, settings: AMNSettings) -> dict:
+    """:func:`~lpcam_adapters._irn_family.maps_record` of AMN LPCAM maps (their background choice included)."""
+    return _irn_family.maps_record("amn_lpcam", model, dataset, bank_path=bank_path, background=settings.background,
+                                   features=settings.features)
 
 
 # --------------------------------------------------------------------------- under torchrun
@@ -931,9 +945,11 @@ def sharded_amn_baseline_pass(
     """:func:`amn_baseline_pass` under torchrun: each rank writes its shard of ``ids`` (default all) on ``device``."""
     model = model.to(device)
     label_dir = os.fspath(ir_label_dir)
+    # Filling in missing ids of a prototype run's baseline directory: its own record guards it.
+    record = _irn_family.maps_record("amn", model, dataset) if ids is None else None
     return _irn_family.sharded_maps(dataset, lambda pack: _amn_baseline_maps(model, pack, label_dir, device), out_dir,
                                     ids=ids, overwrite=overwrite, num_workers=num_workers,
-                                    desc=f"AMN maps (Dropout off) -> {out_dir}")
+                                    desc=f"AMN maps (Dropout off) -> {out_dir}", record=record)
 
 
 def sharded_amn_lpcam_pass(
@@ -959,7 +975,8 @@ def sharded_amn_lpcam_pass(
         return _amn_lpcam_maps(model, pack, bank, device, conditioned, settings.background)
 
     return _irn_family.sharded_maps(dataset, compute, out_dir, read_dirs=read_dirs, overwrite=overwrite,
-                                    num_workers=num_workers, desc=f"AMN LPCAM -> {out_dir}")
+                                    num_workers=num_workers, desc=f"AMN LPCAM -> {out_dir}",
+                                    record=_amn_lpcam_record(model, dataset, bank_path, settings))
 
 
 def build_amn_bank_sharded(

@@ -287,8 +287,11 @@ def test_spawned_workers_write_the_same_maps(mini, tmp_path):
     dataset = mini.MiniMSF()
     _irn_family.baseline_pass(model, dataset, tmp_path / "inline")
     _irn_family.baseline_pass(model, dataset, tmp_path / "spawned", workers=2)
-    names = sorted(os.listdir(tmp_path / "inline"))
-    assert names == sorted(os.listdir(tmp_path / "spawned")) and len(names) == len(dataset)
+    names = sorted(n for n in os.listdir(tmp_path / "inline") if n.endswith(".npy"))
+    assert names == sorted(n for n in os.listdir(tmp_path / "spawned") if n.endswith(".npy"))
+    assert len(names) == len(dataset)
+    record = (tmp_path / "inline" / _irn_family.MAPS_RECORD).read_text()
+    assert record == (tmp_path / "spawned" / _irn_family.MAPS_RECORD).read_text()
     for name in names:
         a, b = load(tmp_path / "inline" / name), load(tmp_path / "spawned" / name)
         np.testing.assert_allclose(a["high_res"], b["high_res"], atol=1e-6)
@@ -362,6 +365,56 @@ def test_baseline_record_refuses_another_checkpoint(mini, tmp_path, caplog):
     with caplog.at_level("WARNING"):
         _irn_family.check_baseline_record(tmp_path / "old", rec_a)
     assert "without a record" in caplog.text
+
+
+def test_resumed_maps_refuse_another_bank_or_checkpoint(mini, tmp_path, monkeypatch):
+    """A resumable (torchrun) make keeps complete files: after the bank is rebuilt, or the network
+    retrained, it must refuse the old directory rather than mix old maps with new ones."""
+    monkeypatch.setattr(_irn_family, "image_ids", lambda dataset: [it["name"] for it in dataset.items])
+    cpu = torch.device("cpu")
+    model = mini.MiniCAM().eval()
+    _irn_family.baseline_pass(model, mini.MiniMSF(), tmp_path / "base")
+    weight = _irn_family.classifier_weight(model)
+    for name, k in (("a.pt", 2), ("b.pt", 3)):
+        cfg = LPCAMConfig.preset("voc", num_clusters=k, context_low=0.0, fallback_best_center=True)
+        _irn_family.build_bank(model, mini.MiniSingle(), tmp_path / "base", _irn_family.AdapterSettings(lpcam=cfg),
+                               weight, bank_path=tmp_path / name)
+    out = tmp_path / "maps"
+    names = [it["name"] for it in mini.MiniMSF().items]
+
+    def files(folder=out):
+        return {n: (load(folder / f"{n}.npy")["cam"].numpy().tobytes(), load(folder / f"{n}.npy")["high_res"].tobytes())
+                for n in names}
+
+    assert _irn_family.sharded_lpcam_pass(model, mini.MiniMSF(), tmp_path / "a.pt", out, cpu).written == 4
+    made_by_a = files()
+    with pytest.raises(ValueError, match=r"maps made by another bank.*--overwrite"):
+        _irn_family.sharded_lpcam_pass(model, mini.MiniMSF(), tmp_path / "b.pt", out, cpu)
+    with pytest.raises(ValueError, match=r"another model"):
+        _irn_family.sharded_lpcam_pass(mini.MiniCAM().eval(), mini.MiniMSF(), tmp_path / "a.pt", out, cpu)
+    assert files() == made_by_a  # refused before anything was written
+    assert _irn_family.sharded_lpcam_pass(model, mini.MiniMSF(), tmp_path / "a.pt", out, cpu).skipped == 4
+
+    stats = _irn_family.sharded_lpcam_pass(model, mini.MiniMSF(), tmp_path / "b.pt", out, cpu, overwrite=True)
+    assert stats.written == 4
+    _irn_family.lpcam_pass(model, mini.MiniMSF(), tmp_path / "b.pt", tmp_path / "plain_b")
+    assert files() == files(tmp_path / "plain_b") != made_by_a
+    assert _irn_family.sharded_lpcam_pass(model, mini.MiniMSF(), tmp_path / "b.pt", out, cpu).skipped == 4
+
+    # An --overwrite run killed midway leaves no record: the next resume must ask for --overwrite again.
+    record_a = _irn_family.maps_record("lpcam", model, mini.MiniMSF(), bank_path=tmp_path / "a.pt")
+    _irn_family.claim_map_dir(out, record_a, overwrite=True)
+    assert not (out / _irn_family.MAPS_RECORD).exists()
+    with pytest.raises(ValueError, match=r"4 map file\(s\) without lpcam_maps.json"):
+        _irn_family.sharded_lpcam_pass(model, mini.MiniMSF(), tmp_path / "a.pt", out, cpu)
+    # The one-process make rewrites every file, so it takes over such a directory and records itself.
+    _irn_family.lpcam_pass(model, mini.MiniMSF(), tmp_path / "a.pt", out)
+    assert files() == made_by_a
+    assert _irn_family.sharded_lpcam_pass(model, mini.MiniMSF(), tmp_path / "a.pt", out, cpu).skipped == 4
+    # Baseline maps are recorded by checkpoint the same way.
+    _irn_family.sharded_baseline_pass(model, mini.MiniMSF(), tmp_path / "cams", cpu)
+    with pytest.raises(ValueError, match=r"maps made by another model"):
+        _irn_family.sharded_baseline_pass(mini.MiniCAM().eval(), mini.MiniMSF(), tmp_path / "cams", cpu)
 
 
 @pytest.mark.parametrize("host", ["irn", "amn"])

@@ -311,7 +311,8 @@ def test_stage_a_kept_when_only_b_is_swapped(amn):
     stdout = run_sample(amn, "--make_cam_pass", "True", "--train_list", "voc12/small.txt",
                         "--cam_out_dir", "result/cam_kept", LPCAM_AMN_STAGES="b")
     assert "LPCAM=0" in stdout and "LPCAM swap" not in stdout
-    assert len(os.listdir(amn["work"] / "result" / "cam_kept")) == 3
+    names = sorted(os.listdir(amn["work"] / "result" / "cam_kept"))
+    assert names == [*(f"2099_{i:06d}.npy" for i in range(3)), "lpcam_maps.json"]  # the maps and their record
 
 
 def test_amn_checkout_untouched(amn, stage_b):
