@@ -188,8 +188,9 @@ def _make_net(num_classes: int, width: int, feature_dim: int, last_kernel: int):
     class CAMNet(nn.Module):
         """A small stride-4 CNN: ``features`` -> GAP -> bias-free 1x1 ``classifier`` (as IRN).
 
-        Receptive field 31 px (stride 4): an object of the default synthetic data (38-54 px
-        long) spans several feature cells, so head, body and legs get cells of their own.
+        Receptive field 23 px with the default 1x1 last convolution (31 px with a 3x3 one), stride
+        4: an object of the default synthetic data (38-54 px long) spans several feature cells, so
+        head, body and legs get cells of their own.
         """
 
         def __init__(self) -> None:
