@@ -508,15 +508,12 @@ def baseline_pass(
         num_workers: DataLoader workers per process.
     """
     os.makedirs(out_dir, exist_ok=True)
-    # A full rewrite records what made the maps (a baseline directory that keeps files has its own record).
     record = None if skip_existing else maps_record("baseline", model, dataset, extra_weight=extra_weight)
-    if record is not None:
-        claim_map_dir(out_dir, record, overwrite=True)
-    if workers > 1:  # each worker moves its copy to its own device
-        model.cpu()
-    _run(_baseline_worker, workers, (model, dataset, os.fspath(out_dir), extra_weight, skip_existing, device, num_workers))
-    if record is not None:
-        seal_map_dir(out_dir, record)
+    with rewriting_map_dir(out_dir, record):
+        if workers > 1:  # each worker moves its copy to its own device
+            model.cpu()
+        _run(_baseline_worker, workers,
+             (model, dataset, os.fspath(out_dir), extra_weight, skip_existing, device, num_workers))
 
 
 BASELINE_RECORD = "lpcam_baseline.json"
@@ -788,12 +785,10 @@ def lpcam_pass(
         num_workers: DataLoader workers per process.
     """
     os.makedirs(out_dir, exist_ok=True)
-    record = maps_record("lpcam", model, dataset, bank_path=bank_path)
-    claim_map_dir(out_dir, record, overwrite=True)  # every file is rewritten
-    if workers > 1:
-        model.cpu()
-    _run(_lpcam_worker, workers, (model, dataset, os.fspath(bank_path), os.fspath(out_dir), device, num_workers))
-    seal_map_dir(out_dir, record)
+    with rewriting_map_dir(out_dir, maps_record("lpcam", model, dataset, bank_path=bank_path)):
+        if workers > 1:
+            model.cpu()
+        _run(_lpcam_worker, workers, (model, dataset, os.fspath(bank_path), os.fspath(out_dir), device, num_workers))
 
 
 # --------------------------------------------------------------------------- under torchrun
@@ -1063,6 +1058,20 @@ def seal_map_dir(out_dir: str | os.PathLike, record: Mapping[str, Any]) -> None:
     os.makedirs(out_dir, exist_ok=True)
     atomic_write_bytes(os.path.join(os.fspath(out_dir), MAPS_RECORD),
                        json.dumps(dict(record), indent=1, sort_keys=True).encode())
+
+
+@contextlib.contextmanager
+def rewriting_map_dir(out_dir: str | os.PathLike, record: Mapping[str, Any] | None) -> Iterator[None]:
+    """A run rewriting every file of ``out_dir``: its old record goes now, ``record`` is sealed on success.
+
+    ``record=None``: nothing is recorded (a baseline directory that keeps files has its own record).
+    """
+    if record is None:
+        yield
+        return
+    claim_map_dir(out_dir, record, overwrite=True)
+    yield
+    seal_map_dir(out_dir, record)
 
 
 def claim_map_dir_once(out_dir: str | os.PathLike, record: Mapping[str, Any], *, overwrite: bool) -> None:

@@ -801,12 +801,10 @@ def amn_baseline_pass(
     """
     os.makedirs(out_dir, exist_ok=True)
     record = None if skip_existing else _irn_family.maps_record("amn", model, dataset)
-    if record is not None:  # a full rewrite (a baseline directory that keeps files has its own record)
-        _irn_family.claim_map_dir(out_dir, record, overwrite=True)
-    _irn_family._run(_amn_baseline_worker, workers,
-                     (model, dataset, os.fspath(out_dir), os.fspath(ir_label_dir), skip_existing, device, num_workers))
-    if record is not None:
-        _irn_family.seal_map_dir(out_dir, record)
+    with _irn_family.rewriting_map_dir(out_dir, record):
+        _irn_family._run(_amn_baseline_worker, workers,
+                         (model, dataset, os.fspath(out_dir), os.fspath(ir_label_dir), skip_existing, device,
+                          num_workers))
 
 
 # --------------------------------------------------------------------------- LPCAM maps in AMN's format
@@ -914,12 +912,10 @@ def amn_lpcam_pass(
         num_workers: DataLoader workers per process.
     """
     os.makedirs(out_dir, exist_ok=True)
-    record = _amn_lpcam_record(model, dataset, bank_path, settings)
-    _irn_family.claim_map_dir(out_dir, record, overwrite=True)  # every file is rewritten
-    _irn_family._run(_amn_lpcam_worker, workers, (model, dataset, os.fspath(bank_path), os.fspath(out_dir),
-                                                  settings.features == "conditioned", settings.background, device,
-                                                  num_workers))
-    _irn_family.seal_map_dir(out_dir, record)
+    with _irn_family.rewriting_map_dir(out_dir, _amn_lpcam_record(model, dataset, bank_path, settings)):
+        _irn_family._run(_amn_lpcam_worker, workers, (model, dataset, os.fspath(bank_path), os.fspath(out_dir),
+                                                      settings.features == "conditioned", settings.background,
+                                                      device, num_workers))
 
 
 def _amn_lpcam_record(model: nn.Module, dataset: Any, bank_path: str | os.PathLike, settings: AMNSettings) -> dict:
