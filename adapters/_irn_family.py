@@ -540,9 +540,8 @@ def check_baseline_record(baseline_dir: str | os.PathLike, record: Mapping[str, 
         ValueError: the directory's record differs from ``record`` (names the differing keys).
     """
     path = os.path.join(os.fspath(baseline_dir), BASELINE_RECORD)
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as handle:
-            have = json.load(handle)
+    have = _read_record(path)
+    if have is not None:
         diff = sorted(k for k in record if have.get(k) != record[k])
         if diff:
             raise ValueError(
@@ -556,6 +555,19 @@ def check_baseline_record(baseline_dir: str | os.PathLike, record: Mapping[str, 
     if existing:
         logger.warning("%s holds %d baseline CAM files without a record of their checkpoint: assuming this one",
                        baseline_dir, existing)
+    _write_record(path, record)
+
+
+def _read_record(path: str) -> dict[str, Any] | None:
+    """The JSON record at ``path`` (a baseline or map directory's), or None when there is none."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _write_record(path: str, record: Mapping[str, Any]) -> None:
+    """Write a directory's JSON record atomically."""
     from lpcam_core.io import atomic_write_bytes
 
     atomic_write_bytes(path, json.dumps(dict(record), indent=1, sort_keys=True).encode())
@@ -1024,13 +1036,9 @@ def claim_map_dir(out_dir: str | os.PathLike, record: Mapping[str, Any], *, over
     """
     folder = os.fspath(out_dir)
     path = os.path.join(folder, MAPS_RECORD)
-    have = None
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as handle:
-            have = json.load(handle)
+    have = _read_record(path)
     if have == dict(record):
         return
-    existing = sum(1 for f in os.listdir(folder) if f.endswith(".npy")) if os.path.isdir(folder) else 0
     if overwrite:
         if have is not None:
             os.unlink(path)
@@ -1042,6 +1050,7 @@ def claim_map_dir(out_dir: str | os.PathLike, record: Mapping[str, Any], *, over
             f"({ {k: have.get(k) for k in diff} } != { {k: record.get(k) for k in diff} }); resuming would mix "
             "old and new maps: pass --overwrite to recompute every file, or choose another output directory"
         )
+    existing = sum(1 for f in os.listdir(folder) if f.endswith(".npy")) if os.path.isdir(folder) else 0
     if existing:
         raise ValueError(
             f"{folder} holds {existing} map file(s) without {MAPS_RECORD} (an interrupted --overwrite run, or an "
@@ -1053,11 +1062,8 @@ def claim_map_dir(out_dir: str | os.PathLike, record: Mapping[str, Any], *, over
 
 def seal_map_dir(out_dir: str | os.PathLike, record: Mapping[str, Any]) -> None:
     """Write ``<out_dir>/lpcam_maps.json`` (atomically): every map file there was made as ``record`` says."""
-    from lpcam_core.io import atomic_write_bytes
-
     os.makedirs(out_dir, exist_ok=True)
-    atomic_write_bytes(os.path.join(os.fspath(out_dir), MAPS_RECORD),
-                       json.dumps(dict(record), indent=1, sort_keys=True).encode())
+    _write_record(os.path.join(os.fspath(out_dir), MAPS_RECORD), record)
 
 
 @contextlib.contextmanager
