@@ -222,8 +222,10 @@ class LPCAM:
             for image, keys in zip(images, _label_lists(labels, self.num_classes)):
                 if not keys:
                     continue
-                baseline = self.cam(image, keys, scales=scales)["high_res"]
-                feats = self.features(image[None])[0]
+                views = self._views(image, scales)
+                baseline = self._cam_of_views(views, keys, image.shape[-2:])["high_res"]
+                # The scale-1 view's first row is the unflipped image: no second forward pass.
+                feats = views[scales.index(1.0)][0] if 1.0 in scales else self.features(image[None])[0]
                 builder.add(feats, torch.from_numpy(baseline), keys)
         self.bank = builder.build(self.classifier_weight, self.classifier_bias, progress=progress)
         return self.bank
@@ -232,10 +234,12 @@ class LPCAM:
     def cam(self, image: torch.Tensor, keys: Sequence[int], *, scales: Sequence[float] | None = None) -> dict:
         """The baseline CAM of one image [3, H, W] in the IRN file format (``cam``, ``high_res``)."""
         scales = tuple(scales) if scales is not None else self.config.scales
-        views = self._views(image, scales)
+        return self._cam_of_views(self._views(image, scales), keys, image.shape[-2:])
+
+    def _cam_of_views(self, views: list[torch.Tensor], keys: Sequence[int], image_hw) -> dict:
         if self.classifier_bias is not None:  # CAM = ReLU(W f + b)
-            return _cam_with_bias(views, self.classifier_weight, self.classifier_bias, list(keys), image.shape[-2:])
-        return cam_multiscale(views, self.classifier_weight, list(keys), image.shape[-2:])
+            return _cam_with_bias(views, self.classifier_weight, self.classifier_bias, list(keys), image_hw)
+        return cam_multiscale(views, self.classifier_weight, list(keys), image_hw)
 
     def record(self, image: torch.Tensor, keys: Sequence[int], *, scales: Sequence[float] | None = None) -> dict:
         """LPCAM of one image [3, H, W] in the IRN file format ``{keys, cam, high_res}``."""

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from lpcam_core import LPCAM, LPCAMConfig, lpcam_multiscale
+from lpcam_core import LPCAM, LPCAMConfig, PrototypeBuilder, lpcam_multiscale
+from lpcam_core.maps import cam_multiscale
 from lpcam_core.extractor import equivalent_linear, find_module
 
 CFG = LPCAMConfig.preset("voc", num_clusters=3, class_threshold=0.0, context_low=0.0, context_high=1.0)
@@ -77,6 +78,36 @@ def test_resnet18_equals_core_functions():
     assert torch.equal(got["keys"], want["keys"])
     torch.testing.assert_close(got["cam"], want["cam"])
     assert abs(got["high_res"] - want["high_res"]).max() < 1e-5
+
+
+@pytest.mark.parametrize("scales", [(1.0, 0.5), (0.5,)])
+def test_resnet18_fit_equals_builder_by_hand(scales):
+    """fit pools the scale-1 unflipped features, split by the multi-scale CAM (with or without scale 1)."""
+    model = _resnet()
+    images, labels = _data(4, 64)
+    cfg = CFG.replace(scales=(1.0,))
+    with LPCAM(model, "layer4", "fc", config=cfg) as lp:
+        got = lp.fit([(images[:4], labels[:4]), (images[4:], labels[4:])], cam_scales=scales, progress=False)
+    model.eval()
+    trunk = nn.Sequential(*list(model.children())[:-2])
+    builder = PrototypeBuilder(4, cfg)
+    for image, row in zip(images, labels):
+        keys = torch.nonzero(row)[:, 0].tolist()
+        views = []
+        with torch.no_grad():
+            for s in scales:
+                x = image[None] if s == 1.0 else torch.nn.functional.interpolate(
+                    image[None], scale_factor=s, mode="bilinear", align_corners=False)
+                views.append(trunk(torch.cat([x, x.flip(-1)])))
+            feats = trunk(image[None])[0]
+        baseline = cam_multiscale(views, model.fc.weight, keys, (64, 64))["high_res"]
+        builder.add(feats, torch.from_numpy(baseline), keys)
+    want = builder.build(model.fc.weight.detach(), model.fc.bias.detach(), progress=False)
+    assert got.classes == want.classes
+    for c in want.classes:
+        torch.testing.assert_close(got.foreground[c], want.foreground[c], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got.context.get(c, torch.empty(0)), want.context.get(c, torch.empty(0)),
+                                   atol=1e-5, rtol=1e-4)
 
 
 def test_vit_tokens_reshaped_and_core_equal():
