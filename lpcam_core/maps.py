@@ -75,7 +75,11 @@ def _all_finite(x: torch.Tensor) -> bool:
     extreme), no temporary the size of ``x``: ``isfinite(x).all()`` is ~100x slower on large CPU tensors."""
     if x.numel() == 0:
         return True
-    low, high = torch.aminmax(x.detach())
+    x = x.detach()
+    in_memory_order = x.permute(sorted(range(x.ndim), key=lambda d: -x.stride(d)))
+    if in_memory_order.is_contiguous():  # channels-last features: ~7x faster reduced in memory order
+        x = in_memory_order
+    low, high = torch.aminmax(x)
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 

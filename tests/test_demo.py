@@ -125,3 +125,31 @@ def test_gain_interval_agrees_with_the_table(tiny_run):
         assert interval[name]["difference"] == pytest.approx(expected, abs=1e-9)
         assert interval[name]["low"] <= interval[name]["high"]
     assert "bootstrap interval" in (out / "report.md").read_text()
+
+
+def test_inference_model_folds_batchnorm_and_keeps_the_features():
+    import torch
+    import torch.nn as nn
+
+    from lpcam_core.demo import CAMNet, inference_model
+
+    torch.manual_seed(0)
+    model = CAMNet(4, width=24, feature_dim=32)
+    x = torch.randn(8, 3, 48, 48)
+    model.train()
+    model(x)  # running statistics away from their initial values
+    model.eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = inference_model(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 6  # the original is untouched
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    with torch.no_grad():
+        torch.testing.assert_close(fast.features(x), model.features(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-4)
+    assert torch.equal(fast.classifier.weight, model.classifier.weight)

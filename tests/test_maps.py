@@ -198,10 +198,14 @@ def test_lpcam_map_wrong_channels(bank, pair):
         lpcam_map(pair[0, :10], bank, [0])
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_features(bank, pair, bad):
+def test_non_finite_features(bank, pair, bad, channels_last):
+    if channels_last:  # the check reduces such views in memory order
+        pair = pair.contiguous(memory_format=torch.channels_last)
     broken = pair.clone()
     broken[1, 3, 2, 1] = bad
+    assert broken.is_contiguous(memory_format=torch.channels_last) == channels_last
     with pytest.raises(ValueError, match=r"fused.*NaN or inf"):
         lpcam_map(broken[1], bank, [0])
     with pytest.raises(ValueError, match=r"features\[1\].*NaN or inf"):
