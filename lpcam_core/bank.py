@@ -10,8 +10,6 @@ import hashlib
 import io
 import logging
 import os
-import pickle
-import zipfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -222,8 +220,12 @@ class PrototypeBank:
             raise FileNotFoundError(f"prototype bank not found: {path}")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as err:
-            raise BankError(f"{path}: not a readable LPCAM prototype bank (truncated or foreign file: {err})") from None
+        except (PermissionError, IsADirectoryError):
+            raise
+        except Exception as err:  # foreign bytes fail anywhere in the unpickler (IndexError, KeyError, ...)
+            raise BankError(
+                f"{path}: not a readable LPCAM prototype bank (truncated or foreign file: {type(err).__name__}: {err})"
+            ) from None
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise BankError(f"{path}: not an LPCAM prototype bank (no '{FORMAT}' marker)")
         if int(state.get("format_version", -1)) > FORMAT_VERSION:

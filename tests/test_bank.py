@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,10 +83,12 @@ def test_truncated_file(tmp_path, full_bank):
 
 
 def test_foreign_files(tmp_path):
-    noise = tmp_path / "noise.pt"
-    noise.write_bytes(os.urandom(4096))
-    with pytest.raises(BankError, match="noise.pt"):
-        PrototypeBank.load(noise)
+    rng = np.random.default_rng(0)
+    for i in range(200):  # random bytes fail at many places in torch's unpickler (IndexError, KeyError, ...)
+        noise = tmp_path / f"noise{i}.pt"
+        noise.write_bytes(rng.integers(0, 256, int(rng.integers(1, 4096)), dtype=np.uint8).tobytes())
+        with pytest.raises(BankError, match=f"noise{i}.pt: not a readable"):
+            PrototypeBank.load(noise)
     other = tmp_path / "model.pt"
     torch.save({"weight": torch.randn(3, 3)}, other)
     with pytest.raises(BankError, match=r"model.pt: not an LPCAM prototype bank"):
