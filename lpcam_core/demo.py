@@ -14,7 +14,7 @@ Pipeline (:func:`run_pipeline`), all seeded and deterministic:
 
 Example:
     >>> from lpcam_core.demo import run_demo
-    >>> results = run_demo("lpcam_demo_out", seed=0)   # about two minutes on two CPU cores
+    >>> results = run_demo("lpcam_demo_out", seed=0)   # 1.5-3.5 minutes on two CPU cores
     >>> results["lpcam"]["miou"] > results["cam"]["miou"]
     True
 """
