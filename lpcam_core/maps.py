@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._finite import all_finite
 from .bank import PrototypeBank
 
 __all__ = [
@@ -66,21 +67,8 @@ def _check_features(x: torch.Tensor, name: str, ndims: tuple[int, ...], channels
         raise TypeError(f"{name} must be floating point, got {x.dtype}")
     if channels is not None and x.shape[-3] != channels:
         raise ValueError(f"{name} has {x.shape[-3]} channels, the prototype bank {channels}")
-    if not _all_finite(x):
+    if not all_finite(x):
         raise ValueError(f"{name} holds NaN or inf values")
-
-
-def _all_finite(x: torch.Tensor) -> bool:
-    """True when ``x`` holds no NaN or inf. One reduction pass (min and max propagate NaN; an inf is an
-    extreme), no temporary the size of ``x``: ``isfinite(x).all()`` is ~100x slower on large CPU tensors."""
-    if x.numel() == 0:
-        return True
-    x = x.detach()
-    in_memory_order = x.permute(sorted(range(x.ndim), key=lambda d: -x.stride(d)))
-    if in_memory_order.is_contiguous():  # channels-last features: ~7x faster reduced in memory order
-        x = in_memory_order
-    low, high = torch.aminmax(x)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 @contextlib.contextmanager
@@ -210,7 +198,7 @@ def lpcam_multiscale(features, bank: PrototypeBank, keys, image_size, *, eps: fl
             raise ValueError(f"features[{i}] must hold 2 views (image, flipped image), got {pair.shape[0]}")
         with torch.autocast(device_type=pair.device.type, enabled=False):
             fused = pair[0].float() + pair[1].float().flip(-1)
-        if not _all_finite(fused):  # two finite float32 views near the float32 limit can sum to inf
+        if not all_finite(fused):  # two finite float32 views near the float32 limit can sum to inf
             raise ValueError(f"features[{i}]: the image and flipped-image features sum to inf (values near the float32 limit)")
         per_scale.append(_lpcam_map_checked(fused[None], bank, class_list)[0])
     return _irn_record(class_list, per_scale, (height, width), eps)
