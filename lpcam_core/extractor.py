@@ -218,14 +218,15 @@ class LPCAM:
 
         scales = tuple(cam_scales) if cam_scales is not None else self.config.scales
         builder = PrototypeBuilder(self.num_classes, self.config, class_names=class_names)
+        # The scale-1 view's first row is the unflipped image: pooled without a second forward pass.
+        unflipped = scales.index(1.0) if 1.0 in scales else None
         for images, labels in tqdm(loader, desc="LPCAM features", disable=not progress, leave=False):
             for image, keys in zip(images, _label_lists(labels, self.num_classes)):
                 if not keys:
                     continue
                 views = self._views(image, scales)
                 baseline = self._cam_of_views(views, keys, image.shape[-2:])["high_res"]
-                # The scale-1 view's first row is the unflipped image: no second forward pass.
-                feats = views[scales.index(1.0)][0] if 1.0 in scales else self.features(image[None])[0]
+                feats = views[unflipped][0] if unflipped is not None else self.features(image[None])[0]
                 builder.add(feats, torch.from_numpy(baseline), keys)
         self.bank = builder.build(self.classifier_weight, self.classifier_bias, progress=progress)
         return self.bank
