@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["register", "apply_patch", "apply_hunks", "patch_text", "add_patch_parser", "add_process_options",
-           "add_prototypes_options", "add_make_options"]
+           "add_prototypes_options", "add_make_options", "read_dirs_of_make"]
 
 logger = logging.getLogger(__name__)
 
@@ -277,6 +277,10 @@ def _cmd_make(ns: argparse.Namespace) -> int:
         raise ValueError("--bank is required for LPCAM maps (build one with `lpcam %s prototypes`)" % host)
     plist = _abs(ns.list) if ns.list and os.path.exists(ns.list) else ns.list
     out = _abs(ns.out)
+    read_dirs = read_dirs_of_make(ns, settings.baseline_dir)
+    from lpcam_core.io import check_output_dir
+
+    check_output_dir(out, read_dirs=read_dirs)  # in every execution mode, before anything is loaded
     with _irn_family.torchrun_session(settings.workers) as ctx, _in_host(ns.host):
         _load_host_compat(host)
         spec, plan_fn = _plan(ns, host)
@@ -293,9 +297,8 @@ def _cmd_make(ns: argparse.Namespace) -> int:
                 _irn_family.sharded_baseline_pass(plan.cam_model, msf, out, device, extra_weight=plan.extra_weight,
                                                   overwrite=ns.overwrite, num_workers=ns.loader_workers)
             else:
-                baseline_dir = _abs(settings.baseline_dir) or os.path.splitext(_abs(ns.bank))[0] + "_baseline"
                 _irn_family.sharded_lpcam_pass(plan.feature_model, msf, _abs(ns.bank), out, device,
-                                               read_dirs=[baseline_dir], overwrite=ns.overwrite,
+                                               read_dirs=read_dirs, overwrite=ns.overwrite,
                                                num_workers=ns.loader_workers)
         elif ns.baseline:
             _irn_family.baseline_pass(plan.cam_model, msf, out, extra_weight=plan.extra_weight,
@@ -310,6 +313,16 @@ def _cmd_make(ns: argparse.Namespace) -> int:
         if not ns.baseline:
             logger.info(_irn_family.recommended_thresholds(spec))
     return 0
+
+
+def read_dirs_of_make(ns: argparse.Namespace, baseline_dir: str | None) -> list[str]:
+    """What a ``make`` step reads and must never write into: the bank's baseline directory, the VOC
+    root and its JPEGImages (the image root)."""
+    voc = _abs(ns.voc12_root)
+    dirs = [voc, os.path.join(voc, "JPEGImages")]
+    if ns.bank:
+        dirs.append(_abs(baseline_dir) or os.path.splitext(_abs(ns.bank))[0] + "_baseline")
+    return dirs
 
 
 def _load_host_compat(host: str) -> None:

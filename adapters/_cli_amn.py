@@ -37,6 +37,7 @@ from ._cli import (
     add_process_options,
     add_prototypes_options,
     apply_hunks,
+    read_dirs_of_make,
 )
 
 __all__ = ["register", "apply_amn_patch", "patch_text"]
@@ -161,6 +162,12 @@ def _cmd_make(ns: argparse.Namespace) -> int:
     plist = _list_path(ns.list)
     voc = os.path.abspath(ns.voc12_root)
     out = os.path.abspath(ns.out)
+    read_dirs = read_dirs_of_make(ns, settings.baseline_dir)
+    if ns.ir_label_dir:
+        read_dirs.append(os.path.abspath(ns.ir_label_dir))
+    from lpcam_core.io import check_output_dir
+
+    check_output_dir(out, read_dirs=read_dirs)  # in every execution mode, before anything is loaded
     with _irn_family.torchrun_session(settings.base.workers) as ctx, _in_host(ns.host):
         importlib.import_module("lpcam_adapters.amn")
         model = _model(ns)
@@ -191,8 +198,7 @@ def _cmd_make(ns: argparse.Namespace) -> int:
                 amn.amn_lpcam_pass(model, msf, bank_path, out, settings, workers=workers,
                                    device=settings.base.device, num_workers=ns.loader_workers)
             else:
-                baseline_dir = os.path.splitext(bank_path)[0] + "_baseline"
-                amn.sharded_amn_lpcam_pass(model, msf, bank_path, out, settings, device, read_dirs=[baseline_dir],
+                amn.sharded_amn_lpcam_pass(model, msf, bank_path, out, settings, device, read_dirs=read_dirs,
                                            overwrite=ns.overwrite, num_workers=ns.loader_workers)
     if ctx is None or ctx.is_main:
         logger.warning("%s maps of %d images written to %s", "AMN" if ns.baseline else "LPCAM", len(msf), out)

@@ -707,9 +707,11 @@ def _peak_rss_mib() -> float:
 
 
 def _load_cam(path: str) -> dict:
+    from lpcam_core.io import load_irn_cam
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"baseline CAM missing: {path}")
-    return np.load(path, allow_pickle=True).item()
+    return load_irn_cam(path)
 
 
 # --------------------------------------------------------------------------- LPCAM maps

@@ -1,8 +1,10 @@
 """File input/output: atomic writes, the hosts' CAM file formats, id lists and label PNGs.
 
 CAM files of the hosts are ``np.save`` of a Python ``dict`` (a 0-d object array), i.e. they
-are **pickles by the hosts' own format**: reading them needs ``allow_pickle=True`` and can
-execute code, so only load files you trust (your own runs, the official releases).
+are pickles by the hosts' own format, and ``np.load(allow_pickle=True)`` on a crafted one runs
+code. lpcam never reads them that way: :func:`load_npy` unpickles with an allow-list (numpy
+arrays and scalars, torch tensors rebuilt with ``torch.load(weights_only=True)``, dicts, lists,
+tuples, strings, numbers); any other object in a file is refused with an error naming the file.
 
 Formats:
 
@@ -17,9 +19,11 @@ Formats:
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import os
+import pickle
 import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -37,6 +41,8 @@ __all__ = [
     "load_irn_cam",
     "save_mctformer_cam",
     "load_mctformer_cam",
+    "load_npy",
+    "UnsafeFileError",
     "should_skip",
     "check_output_dir",
     "read_id_list",
@@ -200,6 +206,112 @@ def _check_channels(c: int, n: int, name: str, where: str) -> None:
         )
 
 
+# --------------------------------------------------------------------------- reading .npy without running code
+
+
+class UnsafeFileError(ValueError):
+    """A ``.npy`` file's pickle asks for an object outside :func:`load_npy`'s allow-list."""
+
+
+def _torch_storage_from_bytes(data: bytes) -> Any:
+    """What ``torch.storage._load_from_bytes`` does, with ``weights_only=True`` (no code runs) and on the CPU."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise pickle.UnpicklingError("a tensor storage must be given as bytes")
+    return torch.load(io.BytesIO(bytes(data)), map_location="cpu", weights_only=True)
+
+
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False,
+                    backward_hooks: Any = None, metadata: Any = None) -> torch.Tensor:
+    """``torch._utils._rebuild_tensor_v2`` for plain tensors: no hooks, no gradient."""
+    if backward_hooks:
+        raise pickle.UnpicklingError("a tensor with backward hooks is not a map")
+    if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
+        raise pickle.UnpicklingError(f"a tensor's storage must be a torch storage, got {type(storage).__name__}")
+    from collections import OrderedDict
+
+    return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict())
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    from collections import OrderedDict
+
+    reconstruct = np.zeros(1).__reduce__()[0]
+    scalar = np.float32(0).__reduce__()[0]
+    allowed: dict[tuple[str, str], Any] = {("collections", "OrderedDict"): OrderedDict}
+    for core in ("numpy.core.multiarray", "numpy._core.multiarray"):  # files of numpy 1.x and 2.x
+        allowed[(core, "_reconstruct")] = reconstruct
+        allowed[(core, "scalar")] = scalar
+    allowed[("numpy", "ndarray")] = np.ndarray
+    allowed[("numpy", "dtype")] = np.dtype
+    allowed[("torch._utils", "_rebuild_tensor_v2")] = _rebuild_tensor
+    allowed[("torch.storage", "_load_from_bytes")] = _torch_storage_from_bytes
+    return allowed
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only the allow-listed globals (arrays, scalars, tensors, OrderedDict)."""
+
+    allowed: dict[tuple[str, str], Any] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = self.allowed.get((module, name))
+        if found is None:
+            raise UnsafeFileError(f"it asks for {module}.{name}, which is not an array, tensor or plain value")
+        return found
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafeFileError("it holds persistent ids, which no map file has")
+
+
+def load_npy(path: PathLike, *, what: str = "map") -> Any:
+    """``np.load`` of a ``.npy`` file without executing code: an object array (a pickled dict, as the
+    hosts write their CAM files) is unpickled with an allow-list instead of ``pickle.load``.
+
+    Returns:
+        The array, or the object of a 0-d object array (``np.save`` of a dict gives the dict).
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: not a regular file; truncated or foreign bytes;
+        :class:`UnsafeFileError` (a ``ValueError``): the pickle names anything but numpy arrays and
+        scalars, torch tensors, dicts, lists, tuples, strings and numbers. Every message names the file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        if p.exists():
+            raise ValueError(f"{what} file {str(p)!r} is not a regular file")
+        raise FileNotFoundError(f"{what} file not found: {str(p)!r}")
+    if not _RestrictedUnpickler.allowed:
+        _RestrictedUnpickler.allowed = _allowed_globals()
+    try:
+        with open(p, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                _, _, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version in ((2, 0), (3, 0)):
+                _, _, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unknown .npy format version {version}")
+            if not dtype.hasobject:
+                f.seek(0)
+                return np.load(f, allow_pickle=False)
+            obj = _RestrictedUnpickler(f).load()
+    except UnsafeFileError as e:
+        raise UnsafeFileError(f"refusing {what} file {str(p)!r}: {e} (lpcam never runs code from a data file)") from None
+    except PermissionError:
+        raise
+    except Exception as e:  # truncated pickles, foreign bytes, bad headers
+        raise ValueError(f"cannot read {what} file {str(p)!r} (truncated or not a .npy file?): "
+                         f"{type(e).__name__}: {_short(e)}") from None
+    if not isinstance(obj, np.ndarray):
+        raise ValueError(f"{what} file {str(p)!r} holds a pickled {type(obj).__name__}, not an array")
+    return obj.item() if obj.shape == () else obj
+
+
+def _short(err: BaseException, limit: int = 200) -> str:
+    text = str(err)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 # --------------------------------------------------------------------------- IRN family
 
 
@@ -246,26 +358,12 @@ def save_irn_cam(path: PathLike, keys: Any, cam: Any, high_res: Any, *, fsync: b
 
 
 def _load_pickled_dict(path: PathLike, what: str, required: Iterable[Any]) -> dict[Any, Any]:
-    """``np.load(allow_pickle=True).item()`` with errors that name the file."""
+    """:func:`load_npy` of a file that must hold a pickled dict, with errors that name the file."""
     p = Path(path)
-    if not p.is_file():
-        if p.exists():
-            raise ValueError(f"{what} path {str(p)!r} is not a regular file")
-        raise FileNotFoundError(f"{what} file not found: {str(p)!r}")
-    try:
-        loaded = np.load(p, allow_pickle=True)
-    except (PermissionError, IsADirectoryError):
-        raise
-    except Exception as e:  # truncated pickles, foreign bytes, bad headers
-        raise ValueError(f"cannot read {what} file {str(p)!r} (truncated or not a .npy file?): {e}") from e
-    if not (isinstance(loaded, np.ndarray) and loaded.dtype == object and loaded.shape == ()):
-        desc = (
-            f"an array of shape {loaded.shape} and dtype {loaded.dtype}"
-            if isinstance(loaded, np.ndarray)
-            else type(loaded).__name__
-        )
-        raise ValueError(f"{what} file {str(p)!r} holds {desc}, expected np.save of a dict")
-    obj = loaded.item()
+    obj = load_npy(p, what=what)
+    if isinstance(obj, np.ndarray):
+        raise ValueError(f"{what} file {str(p)!r} holds an array of shape {obj.shape} and dtype {obj.dtype}, "
+                         "expected np.save of a dict")
     if not isinstance(obj, dict):
         raise ValueError(f"{what} file {str(p)!r} holds a pickled {type(obj).__name__}, expected a dict")
     missing = [k for k in required if k not in obj]
@@ -280,8 +378,8 @@ def _load_pickled_dict(path: PathLike, what: str, required: Iterable[Any]) -> di
 def load_irn_cam(path: PathLike) -> dict[str, Any]:
     """Load an IRN-family CAM file and normalise its types.
 
-    Reads with ``np.load(allow_pickle=True).item()``: these files are pickles by the hosts'
-    own format (load only trusted files). Numpy ``keys`` (official LPCAM release) are accepted.
+    Reads with :func:`load_npy` (no code in the file runs). Numpy ``keys`` (official LPCAM
+    release) are accepted.
 
     Returns:
         dict with ``keys`` (torch int64 [n]), ``high_res`` (numpy float32 [c, H, W], c = n or
@@ -362,7 +460,7 @@ def save_mctformer_cam(path: PathLike, maps: Mapping[int, Any], *, fsync: bool =
 
 
 def load_mctformer_cam(path: PathLike) -> dict[int, np.ndarray]:
-    """Load an MCTformer CAM file (pickled dict; load only trusted files).
+    """Load an MCTformer CAM file (a pickled dict, read with :func:`load_npy`).
 
     Returns:
         ``{class_index: (H, W) numpy map}`` with ``int`` keys; dtypes as stored.
@@ -385,9 +483,7 @@ def _load_complete(path: Path) -> None:
     """Read ``path`` fully with a reader chosen by its suffix; raise when it is incomplete."""
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        loaded = np.load(path, allow_pickle=True)
-        if isinstance(loaded, np.ndarray) and loaded.dtype == object and loaded.shape == ():
-            loaded.item()
+        load_npy(path)
     elif suffix in _IMAGE_SUFFIXES:
         from PIL import Image
 
@@ -403,7 +499,7 @@ def should_skip(
     """Whether a resumable run may skip producing ``path``.
 
     A file is skipped only when it exists and is complete, i.e. loads without error
-    (``.npy`` via ``np.load``, images via PIL, other suffixes: non-empty), or via ``loader``.
+    (``.npy`` via :func:`load_npy`, images via PIL, other suffixes: non-empty), or via ``loader``.
     A file that fails to load is logged and reported as not skippable (it will be rewritten).
 
     Args:

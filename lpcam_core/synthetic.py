@@ -688,7 +688,9 @@ def load_voc(root: str | os.PathLike, split: str, num_classes: int | None = None
     if not list_path.is_file():
         raise FileNotFoundError(f"no split list {list_path} (split={split!r})")
     ids = [line.strip() for line in list_path.read_text().splitlines() if line.strip()]
-    cls_labels = np.load(root / "cls_labels.npy", allow_pickle=True).item()
+    from .io import load_npy
+
+    cls_labels = load_npy(root / "cls_labels.npy", what="class labels")
     if num_classes is None:
         params = json.loads((root / _PARAMS_FILE).read_text())["params"]
         num_classes = int(params["num_classes"])
