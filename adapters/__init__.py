@@ -1,1 +1,5 @@
-"""lpcam_adapters: one package per host codebase; `import lpcam_adapters.<host>` swaps its CAM for LPCAM."""
+"""lpcam_adapters: one module of glue per host (IRN, ReCAM, AMN, MCTformer); see docs/hosts/."""
+
+from lpcam_core.logs import add_logger
+
+add_logger(__name__)

@@ -7,7 +7,7 @@ V2 (commit c5db727, ``MCTformerV2``) and MCTformer+ (HEAD, ``MCTformerPlus``). B
 * PatchCAM = ``relu(head(tokens))`` with ``head = Conv2d(384, 20, 3, padding=1)``;
 * ``'fused'`` = class-to-patch attention x PatchCAM (MCTformer+ takes its square root).
 
-The import registers, through :mod:`lpcam_adapters._hooks` (nothing of the host is imported):
+The import registers, through :mod:`lpcam_adapters.hooks` (nothing of the host is imported):
 
 * ``models:forward`` (``MCTformerV2.forward`` / ``MCTformerPlus.forward``) and ``models:F``: inside
   a swapped attention-map forward (``return_att=True``), the one ``F.relu`` the host applies to the
@@ -33,12 +33,14 @@ view gets its own LPCAM and the engine flips back and sums the fused maps as it 
 once more on the flipped image, the second view (recognised as the flip of the first) reuses it, so
 both views use the same fused LPCAM (+50% backbone cost).
 
-Settings: see :data:`ENV_VARS` and :class:`MCTformerSettings` (``LPCAM_CONFIG`` names a YAML file
-with :class:`lpcam_core.LPCAMConfig` keys at top level and adapter keys under ``adapter:``).
+Settings: the common ``LPCAM_*`` variables and this host's :data:`OPTIONS` (``LPCAM_BUILD``,
+``LPCAM_HEAD``, ``LPCAM_FLIP``; YAML section ``adapter:``). ``lpcam mctformer prototypes|make -- <main.py
+arguments>`` runs the host's ``main.py`` with them.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import functools
@@ -53,17 +55,19 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-import numpy as np
-import torch
-import torch.nn as nn
+from . import hooks
+from .base import HostInfo
+from .lazy import LazyModule
+from .settings import HostSettings, Option, read_settings
 
-from . import _hooks, _settings
+torch = LazyModule("torch")
+nn = LazyModule("torch.nn")
+np = LazyModule("numpy")
 
 __all__ = [
-    "ENV_VARS",
+    "INFO",
+    "OPTIONS",
     "DEFAULT_TAU",
-    "MCTformerSettings",
-    "settings_from_env",
     "UnsupportedModelError",
     "host_kind",
     "score_weight",
@@ -75,31 +79,42 @@ __all__ = [
     "ensure_bank",
     "generate",
     "run_host_main",
+    "main_args",
     "install",
     "install_shims",
-    "explain",
+    "register",
 ]
 
 logger = logging.getLogger(__name__)
 
-# tau for MCTformer's min-max normalised fused maps; see README "MCTformer" for how it was chosen.
+# tau for MCTformer's min-max normalised fused maps; see docs/hosts/mctformer.md for how it was chosen.
 DEFAULT_TAU = 0.1
 
-ENV_VARS: dict[str, str] = {
-    "LPCAM": "1 (default) swaps PatchCAM for LPCAM in attention-map generation; 0 runs the host unchanged",
-    **_settings.core_env_vars(
-        preset="voc or coco (default: from --data-set): the paper's K, mu_f, mu_b",
-        tau=f"threshold on the min-max normalised baseline map splitting the pools (default {DEFAULT_TAU})",
-    ),
-    "LPCAM_BANK": "prototype bank file (default <checkpoint>.lpcam_bank.pt beside --resume)",
-    "LPCAM_REBUILD_BANK": "1: rebuild the bank even when one built with this checkpoint and settings exists",
-    "LPCAM_BUILD": "auto (default): build a missing bank; never: fail instead; only: build it and stop",
-    "LPCAM_BASELINE_DIR": "baseline maps of the prototype list (default <cam-npy-dir>_baseline)",
-    "LPCAM_PROTO_LIST": "ids clustered for prototypes (default <img-list>/train_id.txt, VOC's 1,464)",
-    "LPCAM_HEAD": "sum (default): 3x3 taps summed + bias score the prototypes; centre: the centre tap + bias",
-    "LPCAM_FLIP": "view (default): LPCAM per view, the engine fuses flips; feature: official feature-level fusion",
-    "LPCAM_LOG_LEVEL": "log level of lpcam's messages in host runs (default INFO)",
-}
+OPTIONS = (
+    Option("build", "LPCAM_BUILD", "auto", "auto (default): build a missing bank; never: fail instead; only: build "
+           "it and stop", choices=("auto", "never", "only")),
+    Option("head", "LPCAM_HEAD", "sum", "sum (default): 3x3 taps summed + bias score the prototypes; centre: the "
+           "centre tap + bias", choices=("sum", "centre"), flag="--head",
+           parse=lambda v: "centre" if str(v).strip().lower() == "center" else v),
+    Option("flip", "LPCAM_FLIP", "view", "view (default): LPCAM per view, the engine fuses flips; feature: official "
+           "feature-level fusion", choices=("view", "feature")),
+)
+INFO = HostInfo(
+    name="mctformer",
+    title="MCTformer V2 / MCTformer+ (xulianuwa/MCTformer)",
+    module=__name__,
+    entry_script="main.py",
+    signature={"engine.py": "def generate_attention_maps_ms", "models.py": "class MCTformer"},
+    options=OPTIONS,
+    env_docs={"LPCAM_PRESET": "voc or coco (default: from --data-set): the paper's K, mu_f, mu_b",
+              "LPCAM_TAU": f"threshold on the min-max normalised baseline map splitting the pools (default {DEFAULT_TAU})",
+              "LPCAM_BANK": "prototype bank file (default <checkpoint>.lpcam_bank.pt beside --resume)",
+              "LPCAM_BASELINE_DIR": "baseline maps of the prototype list (default <cam-npy-dir>_baseline)",
+              "LPCAM_PROTO_LIST": "ids clustered for prototypes (default <img-list>/train_id.txt, VOC's 1,464)"},
+    thresholds="Evaluate with the host's own `python evaluation.py --type npy --curve True ...` (background threshold sweep)",
+)
+#: Modules whose patches ``--explain`` lists with this host's (the shims are this module's too).
+PATCH_OWNERS = (__name__,)
 
 _SUPPORTED = ("MCTformerV2", "MCTformerPlus")
 
@@ -108,94 +123,18 @@ class UnsupportedModelError(RuntimeError):
     """The model has no patch classifier (MCTformer V1) or is not an MCTformer model."""
 
 
-# --------------------------------------------------------------------------- settings
+def settings_for(args: Any = None, environ: Mapping[str, str] | None = None) -> HostSettings:
+    """The run's settings: with no preset named, ``--data-set COCO*`` selects the coco preset; MCTformer's
+    maps are min-max normalised, so the voc preset gets this host's own tau (:data:`DEFAULT_TAU`)."""
+    coco = str(getattr(args, "data_set", "") or "").upper().startswith("COCO")
+    return read_settings(OPTIONS, environ, fallback_preset="coco" if coco else "voc",
+                         preset_defaults={"voc": {"fg_threshold": DEFAULT_TAU}})
 
 
-@dataclass(frozen=True)
-class MCTformerSettings:
-    """Settings of the MCTformer adapter.
+def configure_logging() -> None:
+    from lpcam_core.logs import configure_logging as configure
 
-    Attributes:
-        enabled: Swap PatchCAM for LPCAM (``LPCAM=0``: the host's own maps).
-        lpcam: The core settings (:class:`lpcam_core.LPCAMConfig`: K, tau, mu_f, mu_b, seed, budget).
-        bank_path: Prototype bank file (``None``: ``<checkpoint>.lpcam_bank.pt``).
-        rebuild_bank: Rebuild even when a bank of this checkpoint and settings exists.
-        build: ``"auto"`` build a missing bank, ``"never"`` fail, ``"only"`` build and skip generation.
-        baseline_dir: Baseline maps of the prototype list (``None``: ``<cam_npy_dir>_baseline``).
-        proto_list: Id list clustered for prototypes (``None``: ``<img_list>/train_id.txt``).
-        head: ``"sum"`` (3x3 taps summed, plus bias: exact on a constant map) or ``"centre"``.
-        flip: ``"view"`` (per view, engine fuses) or ``"feature"`` (official feature-level fusion).
-    """
-
-    enabled: bool = True
-    lpcam: Any = None
-    bank_path: str | None = None
-    rebuild_bank: bool = False
-    build: str = "auto"
-    baseline_dir: str | None = None
-    proto_list: str | None = None
-    head: str = "sum"
-    flip: str = "view"
-
-    def __post_init__(self) -> None:
-        if self.lpcam is None:
-            from lpcam_core import LPCAMConfig
-
-            object.__setattr__(self, "lpcam", LPCAMConfig.preset("voc", fg_threshold=DEFAULT_TAU))
-        head = {"center": "centre"}.get(self.head, self.head)
-        object.__setattr__(self, "head", head)
-        if head not in ("sum", "centre"):
-            raise ValueError(f"head={self.head!r}: expected 'sum' or 'centre'")
-        if self.flip not in ("view", "feature"):
-            raise ValueError(f"flip={self.flip!r}: expected 'view' or 'feature'")
-        if self.build not in ("auto", "never", "only"):
-            raise ValueError(f"build={self.build!r}: expected 'auto', 'never' or 'only'")
-
-
-#: Keys of the YAML's ``adapter:`` section -> :class:`MCTformerSettings` fields.
-ADAPTER_KEYS = {
-    "enabled": "enabled",
-    "bank": "bank_path",
-    "bank_path": "bank_path",
-    "rebuild_bank": "rebuild_bank",
-    "build": "build",
-    "baseline_dir": "baseline_dir",
-    "proto_list": "proto_list",
-    "head": "head",
-    "flip": "flip",
-}
-
-
-def settings_from_env(environ: Mapping[str, str] | None = None, *, data_set: str | None = None) -> MCTformerSettings:
-    """Fill :class:`MCTformerSettings`: preset, then the ``LPCAM_CONFIG`` YAML, then variables.
-
-    Args:
-        environ: Variables to read (default ``os.environ``); see :data:`ENV_VARS`.
-        data_set: The host's ``--data-set`` (``COCO``/``COCOMS`` select the coco preset when
-            no preset is named).
-
-    Raises:
-        ValueError: a malformed value or an unknown key, naming it.
-    """
-    env = dict(os.environ if environ is None else environ)
-    config = _settings.read_config(env.get("LPCAM_CONFIG", "").strip(), {"adapter": ADAPTER_KEYS})
-    # MCTformer's maps are min-max normalised: with the voc preset, its own measured tau
-    cfg = _settings.lpcam_config(env, config,
-                                 fallback_preset="coco" if str(data_set or "").upper().startswith("COCO") else "voc",
-                                 preset_defaults={"voc": {"fg_threshold": DEFAULT_TAU}})
-    adapter = dict(config.sections["adapter"])
-    adapter.update(_settings.env_values(env, (("LPCAM_BUILD", "build"), ("LPCAM_HEAD", "head"), ("LPCAM_FLIP", "flip")),
-                                        lower=("build", "head", "flip")))
-    try:
-        MCTformerSettings(**{k: v for k, v in adapter.items() if k in ("build", "head", "flip")})
-    except ValueError as err:
-        raise ValueError(f"LPCAM settings: {err} (LPCAM_BUILD / LPCAM_HEAD / LPCAM_FLIP or adapter: in LPCAM_CONFIG)") from None
-    adapter = _settings.common_adapter_values(env, adapter, config.path)
-    return MCTformerSettings(lpcam=cfg, **adapter)
-
-
-configure_logging = _settings.configure_logging
-
+    configure()
 
 # --------------------------------------------------------------------------- the model
 
@@ -233,7 +172,7 @@ def score_weight(model: nn.Module, head: str = "sum") -> tuple[torch.Tensor, tor
     Returns:
         (weight [num_classes, C] float32 CPU, bias [num_classes] float32 CPU or None).
     """
-    from lpcam_core.extractor import equivalent_linear
+    from lpcam_core.classifier import equivalent_linear
 
     conv = getattr(model, "head", None)
     if not isinstance(conv, nn.Conv2d):
@@ -264,7 +203,6 @@ def _capture_head_input(model: nn.Module) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-@torch.no_grad()
 def patch_tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Local features: the pre-head patch tokens as the host reshapes them.
 
@@ -278,7 +216,7 @@ def patch_tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         [B, C, H // 16, W // 16] (C = 384 for DeiT-S), signed, in the forward's dtype.
     """
     host_kind(model)
-    with _capture_head_input(model) as seen, _input_device(images.device):
+    with torch.no_grad(), _capture_head_input(model) as seen, _input_device(images.device):
         model(images)
     if len(seen) != 1:
         raise RuntimeError(f"{type(model).__name__}.forward called its head {len(seen)} times; expected once")
@@ -478,28 +416,35 @@ def _make_forward(original: Callable[..., Any]) -> Callable[..., Any]:
 # --------------------------------------------------------------------------- shims
 
 
-class _DeviceFollowingTensor(torch.Tensor):
-    """A tensor whose ``.cuda()`` goes to the device of the forward's input (MCTformer+ on CPU)."""
+@functools.cache
+def _device_following_tensor() -> type:
+    """A tensor class whose ``.cuda()`` goes to the device of the forward's input (MCTformer+ on CPU)."""
+    import torch as real_torch
 
-    def cuda(self, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
-        plain = self.as_subclass(torch.Tensor)
-        target = getattr(_local, "device", None)
-        if not args and "device" not in kwargs:
-            if target is not None and target.type != "cuda":
-                return plain.to(target)
-            if target is None and not torch.cuda.is_available():
-                return plain  # no GPU: the model can only be on the CPU
-        return plain.cuda(*args, **kwargs)
+    class DeviceFollowingTensor(real_torch.Tensor):
+        def cuda(self, *args: Any, **kwargs: Any) -> real_torch.Tensor:  # type: ignore[override]
+            plain = self.as_subclass(real_torch.Tensor)
+            target = getattr(_local, "device", None)
+            if not args and "device" not in kwargs:
+                if target is not None and target.type != "cuda":
+                    return plain.to(target)
+                if target is None and not real_torch.cuda.is_available():
+                    return plain  # no GPU: the model can only be on the CPU
+            return plain.cuda(*args, **kwargs)
+
+    return DeviceFollowingTensor
 
 
 def _torch_with_device_following_logspace() -> ModuleType:
-    proxy = ModuleType("torch", torch.__doc__)
-    proxy.__dict__.update(torch.__dict__)
-    real = torch.logspace
+    import torch as real_torch
+
+    proxy = ModuleType("torch", real_torch.__doc__)
+    proxy.__dict__.update(real_torch.__dict__)
+    real = real_torch.logspace
 
     @functools.wraps(real)
     def logspace(*args: Any, **kwargs: Any) -> torch.Tensor:
-        return real(*args, **kwargs).as_subclass(_DeviceFollowingTensor)
+        return real(*args, **kwargs).as_subclass(_device_following_tensor())
 
     proxy.logspace = logspace  # type: ignore[attr-defined]
     proxy.__lpcam_proxy__ = "logspace follows the input device"  # type: ignore[attr-defined]
@@ -547,7 +492,7 @@ def _entrypoint_without_cfg(fn: Callable[..., Any]) -> Callable[..., Any]:
     return entrypoint
 
 
-def _patch_timm_entrypoints(module: ModuleType) -> _hooks.Undo | None:
+def _patch_timm_entrypoints(module: ModuleType) -> hooks.Undo | None:
     """Wrap the module's timm-registered entry points so they drop timm >= 0.6's extra kwargs."""
     try:
         from timm.models import _registry as registry  # timm >= 0.9
@@ -579,13 +524,15 @@ def _is_mct_models(module: ModuleType) -> bool:
     return any(isinstance(getattr(module, n, None), type) for n in (*_SUPPORTED, "MCTformerV1"))
 
 
-def _patch_models_shims(module: ModuleType) -> _hooks.Undo | None:
+def _patch_models_shims(module: ModuleType) -> hooks.Undo | None:
     if not _is_mct_models(module):
         return None
     undos = [u for u in (_patch_timm_entrypoints(module),) if u is not None]
-    if isinstance(getattr(module, "MCTformerPlus", None), type) and getattr(module, "torch", None) is torch:
+    import torch as real_torch
+
+    if isinstance(getattr(module, "MCTformerPlus", None), type) and getattr(module, "torch", None) is real_torch:
         module.torch = _torch_with_device_following_logspace()
-        undos.append(lambda: setattr(module, "torch", torch))
+        undos.append(lambda: setattr(module, "torch", real_torch))
     if isinstance(getattr(module, "MCTformerV1", None), type):
         logger.debug("%s defines MCTformerV1: it runs, but LPCAM refuses it (no patch classifier)", module.__name__)
 
@@ -596,7 +543,7 @@ def _patch_models_shims(module: ModuleType) -> _hooks.Undo | None:
     return undo
 
 
-def _patch_models_swap(module: ModuleType) -> _hooks.Undo | None:
+def _patch_models_swap(module: ModuleType) -> hooks.Undo | None:
     if not _is_mct_models(module):
         return None
     import torch.nn.functional as F
@@ -626,7 +573,7 @@ def _patch_models_swap(module: ModuleType) -> _hooks.Undo | None:
     return undo
 
 
-def _patch_timm_only(module: ModuleType) -> _hooks.Undo | None:
+def _patch_timm_only(module: ModuleType) -> hooks.Undo | None:
     return _patch_timm_entrypoints(module)
 
 
@@ -737,7 +684,7 @@ def _first_view(img: Any) -> torch.Tensor:
     return img
 
 
-def prototype_picks(args: Any, ids: Sequence[str], settings: MCTformerSettings,
+def prototype_picks(args: Any, ids: Sequence[str], settings: HostSettings,
                     num_classes: int) -> list[tuple[int | None, str]]:
     """The images clustered, as ``(class or None, id)``: every id (VOC), or COCO's per-class draws.
 
@@ -761,96 +708,78 @@ def prototype_picks(args: Any, ids: Sequence[str], settings: MCTformerSettings,
     return [(int(c), str(i)) for c, i in sample_images_per_class(labels, cfg.images_per_class, cfg.seed, num_classes)]
 
 
+
 def build_bank(model: nn.Module, device: Any, args: Any, picks: Sequence[tuple[int | None, str]], baseline_dir: str,
-               settings: MCTformerSettings) -> Any:
-    """Stream one-scale, unflipped patch tokens and baseline maps into a prototype bank.
+               settings: HostSettings) -> Any:
+    """The prototype bank of one-scale, unflipped patch tokens and the baseline maps, on the run layer.
 
     Args:
         model: MCTformer V2 / MCTformer+.
-        device: Where the model runs (the engine's ``device``).
-        args: The host's parsed arguments (dataset, lists, loader settings).
+        device: where the model runs (the engine's ``device``).
+        args: the host's parsed arguments (dataset, lists, loader settings).
         picks: ``(class or None, id)`` from :func:`prototype_picks`; the baseline map of ``id`` is
-            ``<baseline_dir>/<id>.npy`` ``{class_index: (H, W) min-max normalised map}``; ``None``
-            feeds every present class, a class index only that class.
-        settings: ``settings.lpcam`` drives the builder; ``settings.head`` the scoring weight.
+            ``<baseline_dir>/<id>.npy`` ``{class_index: (H, W) min-max normalised map}``; ``None`` feeds
+            every present class, a class index only that class.
+        settings: ``settings.lpcam`` drives the builder; the ``head`` option the scoring weight.
 
     Returns:
         :class:`lpcam_core.PrototypeBank` (not saved).
     """
-    from lpcam_core import PrototypeBuilder
-    from lpcam_core.io import load_mctformer_cam
+    from lpcam_core import run
+    from lpcam_core.classifier import LinearScorer
+    from lpcam_core.formats import load_mctformer_cam
 
     datasets = _host_module("datasets", "build_dataset")
-    cfg = settings.lpcam
-    num_classes = int(model.num_classes)
-    weight, bias = score_weight(model, settings.head)
-    names = [i for _, i in picks]
-    builder = PrototypeBuilder(num_classes, cfg)
-    was_training = model.training
-    peak = 0
+    weight, bias = score_weight(model, settings.option("head"))
+    unique = list(dict.fromkeys(i for _, i in picks))
+    plan = [run.ClusterItem(i, None if c is None else (c,)) for c, i in picks]
     dev = torch.device(device)
+    was_training = model.training
     with tempfile.TemporaryDirectory(prefix="lpcam_mct_") as tmp:
-        _write_lists(tmp, names)
+        _write_lists(tmp, unique)
         f_args = copy.copy(args)
         f_args.img_list = tmp
         f_args.scales = [1.0]
         dataset, _ = datasets.build_dataset(is_train=False, gen_attn=True, args=f_args)
+
+        def load(image_id: str) -> tuple[Any, Any, list[int]]:
+            img, _label = feed(image_id)
+            # the engine's own autocast (fp16 on a GPU), so the tokens are those the swap will see
+            with torch.autocast(device_type=dev.type, enabled=dev.type == "cuda"):
+                tokens = patch_tokens(model, _first_view(img)[None].to(device))[0]
+            maps = load_mctformer_cam(os.path.join(baseline_dir, image_id + ".npy"))
+            keys = sorted(maps)
+            cams = torch.from_numpy(np.stack([maps[k] for k in keys]).astype(np.float32)) if keys else torch.zeros(0, 1, 1)
+            return tokens.float(), cams, keys
+
         model.eval()
         try:
-            # the engine's own autocast (fp16 on a GPU), so the tokens are those the swap will see
-            with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=dev.type == "cuda"):
-                for n, (img, _label) in enumerate(_loader(dataset, args)):
-                    tokens = patch_tokens(model, _first_view(img).to(device))[0]
-                    maps = load_mctformer_cam(os.path.join(baseline_dir, names[n] + ".npy"))
-                    keys = sorted(maps) if picks[n][0] is None else [k for k in sorted(maps) if k == picks[n][0]]
-                    if not keys:
-                        continue
-                    cams = torch.from_numpy(np.stack([maps[k] for k in keys]).astype(np.float32))
-                    builder.add(tokens.float(), cams, keys)
-                    peak = max(peak, builder.bytes_held)
-                    if (n + 1) % 200 == 0:
-                        logger.info("prototype features: %d/%d images", n + 1, len(names))
+            with run.ItemFeed(dataset, unique, [p.image_id for p in plan], int(getattr(args, "num_workers", 0) or 0)
+                              ) as feed:
+                bank = run.build_prototypes(plan, load, int(model.num_classes), LinearScorer(weight, bias),
+                                            config=settings.lpcam, device=dev, meta=_bank_meta(model, settings),
+                                            record_pool_peak=True)
         finally:
             model.train(was_training)
-    logger.info("prototype pools: peak %.1f MiB of %.1f MiB budget", peak / 2**20, cfg.memory_budget_bytes / 2**20)
-    bank = builder.build(weight.to(dev), None if bias is None else bias.to(dev), device=dev, progress=False)
-    bank.meta.update(_bank_meta(model, settings))
-    bank.meta["pool_peak_bytes"] = int(peak)
     return bank
 
 
-def _bank_meta(model: nn.Module, settings: MCTformerSettings) -> dict[str, Any]:
-    return {"host": "mctformer", "model": host_kind(model), "head": settings.head}
+def _bank_meta(model: nn.Module, settings: HostSettings) -> dict[str, Any]:
+    return {"host": "mctformer", "model": host_kind(model), "head": settings.option("head")}
 
 
-def _why_not_reusable(bank: Any, model: nn.Module, settings: MCTformerSettings) -> str | None:
-    from lpcam_core.bank import BankError
-
-    weight, bias = score_weight(model, settings.head)
-    if bank.meta.get("head", settings.head) != settings.head:
-        return f"it was scored with head={bank.meta.get('head')!r}, the run asks for {settings.head!r}"
-    try:
-        bank.check_fits(num_classes=model.num_classes, feature_dim=model.embed_dim, classifier_weight=weight, bias=bias)
-    except BankError as err:
-        return str(err)
-    wanted, have = settings.lpcam.to_dict(), dict(bank.meta.get("config") or {})
-    wanted.pop("preset_name", None)
-    have.pop("preset_name", None)
-    if have != wanted:
-        return f"its settings differ ({', '.join(sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k)))})"
-    return None
-
-
-def ensure_bank(original: Callable[..., Any], model: nn.Module, device: Any, args: Any,
-                settings: MCTformerSettings) -> Any:
+def ensure_bank(original: Callable[..., Any], model: nn.Module, device: Any, args: Any, settings: HostSettings) -> Any:
     """Load the run's prototype bank, or build and save it (baseline pass, then clustering).
 
     Raises:
-        FileNotFoundError: no bank and ``settings.build == "never"``.
+        FileNotFoundError: no bank and the ``build`` option is ``never``. ValueError: a bank that does not
+        fit and ``build=never``.
     """
-    from lpcam_core import PrototypeBank
+    from lpcam_core import PrototypeBank, run
     from lpcam_core.bank import BankError
+    from lpcam_core.classifier import LinearScorer
 
+    build = settings.option("build")
     path = settings.bank_path or default_bank_path(args)
     if os.path.isfile(path) and not settings.rebuild_bank:
         try:
@@ -858,14 +787,15 @@ def ensure_bank(original: Callable[..., Any], model: nn.Module, device: Any, arg
         except BankError as err:
             why: str | None = str(err)
         else:
-            why = _why_not_reusable(bank, model, settings)
+            why = run.why_not_reusable(bank, LinearScorer(*score_weight(model, settings.option("head"))),
+                                       settings.lpcam, _bank_meta(model, settings))
             if why is None:
                 logger.info("using the prototype bank %s (%r)", path, bank)
                 return bank
-        if settings.build == "never":
+        if build == "never":
             raise ValueError(f"prototype bank {path} does not fit this run: {why}")
         logger.warning("rebuilding the prototype bank %s: %s", path, why)
-    elif settings.build == "never" and not settings.rebuild_bank:
+    elif build == "never" and not settings.rebuild_bank:
         raise FileNotFoundError(
             f"prototype bank not found: {path} (LPCAM_BUILD=never). Build it with LPCAM_BUILD=only, or "
             "`lpcam mctformer prototypes -- <main.py arguments>`"
@@ -874,8 +804,10 @@ def ensure_bank(original: Callable[..., Any], model: nn.Module, device: Any, arg
     ids = _ids(proto_list)
     baseline_dir = settings.baseline_dir or default_baseline_dir(args, path)
     npy = getattr(args, "cam_npy_dir", None)
-    if npy and os.path.abspath(npy) == os.path.abspath(baseline_dir):
-        raise ValueError(f"LPCAM_BASELINE_DIR={baseline_dir} is the LPCAM output directory --cam-npy-dir: choose another")
+    if npy:
+        from lpcam_core.io import check_output_dir
+
+        check_output_dir(baseline_dir, read_dirs=[npy])  # the baselines never go where the LPCAM maps go
     picks = prototype_picks(args, ids, settings, int(model.num_classes))
     unique = list(dict.fromkeys(i for _, i in picks))
     logger.info("building the prototype bank %s from %d images of %s", path, len(unique), proto_list)
@@ -888,31 +820,30 @@ def ensure_bank(original: Callable[..., Any], model: nn.Module, device: Any, arg
 
 
 def generate(original: Callable[..., Any], data_loader: Any, model: nn.Module, device: Any, args: Any,
-             settings: MCTformerSettings | None = None) -> Any:
+             settings: HostSettings | None = None) -> Any:
     """The patched ``engine.generate_attention_maps_ms``: the host's generation, with LPCAM.
 
-    ``LPCAM=0``: the host's own function, untouched. Otherwise: refuse V1, load or build the bank,
-    and run the host's generation inside :func:`swap`.
+    ``LPCAM=0``: the host's own function, untouched. Otherwise: refuse V1, load or build the bank, and run
+    the host's generation inside :func:`swap`.
     """
     configure_logging()
     if settings is None:
-        settings = settings_from_env(data_set=getattr(args, "data_set", None))
+        settings = settings_for(args)
     if not settings.enabled:
         logger.info("LPCAM=0: MCTformer's own maps")
         return original(data_loader, model, device, args)
     kind = host_kind(model)
     bank = ensure_bank(original, model, device, args, settings)
-    if settings.build == "only":
+    if settings.option("build") == "only":
         logger.info("LPCAM_BUILD=only: prototype bank ready; attention maps not generated")
         return None
     logger.info("%s: LPCAM in place of PatchCAM (attention type %s, flip %s, head %s)", kind,
-                getattr(args, "attention_type", "fused"), settings.flip, settings.head)
-    with swap(model, bank, flip=settings.flip):
+                getattr(args, "attention_type", "fused"), settings.option("flip"), settings.option("head"))
+    with swap(model, bank, flip=settings.option("flip")):
         return original(data_loader, model, device, args)
 
 
 # --------------------------------------------------------------------------- running the host
-
 
 def run_host_main(host_dir: str | os.PathLike, argv: Sequence[str], environ: Mapping[str, str] | None = None) -> None:
     """Run MCTformer's ``main.py`` in this process with the adapter installed (no edit of the host).
@@ -958,16 +889,16 @@ _register_lock = threading.Lock()
 def install_shims() -> None:
     """Register only the modern-stack shims (timm entry points, PIL.Image.CUBIC, MCTformer+ .cuda())."""
     with _register_lock:
-        _hooks.register_patch(
+        hooks.register_patch(
             "models", "timm_entrypoints_and_cuda", _patch_models_shims,
             description="timm entry points drop pretrained_cfg/pretrained_cfg_overlay/cache_dir; "
             "MCTformer+'s logspace(...).cuda() follows the input's device",
         )
-        _hooks.register_patch(
+        hooks.register_patch(
             "vision_transformer", "timm_entrypoints", _patch_timm_only,
             description="timm entry points drop pretrained_cfg/pretrained_cfg_overlay/cache_dir",
         )
-        _hooks.replace_attribute(
+        hooks.replace_attribute(
             "datasets", "PIL", _make_pil, requires=("VOC12DatasetMS",),
             description="module-local PIL with Image.CUBIC (= BICUBIC; removed in Pillow 10)",
         )
@@ -977,30 +908,104 @@ def install() -> None:
     """Register every MCTformer patch (idempotent; runs at import)."""
     install_shims()
     with _register_lock:
-        _hooks.register_patch(
+        hooks.register_patch(
             "models", "lpcam_swap", _patch_models_swap,
             description="MCTformerV2/MCTformerPlus.forward(return_att=True) inside swap(): LPCAM in place of "
             "PatchCAM (module-local F.relu of the head output)",
         )
-        _hooks.replace_attribute(
+        hooks.replace_attribute(
             "engine", "generate_attention_maps_ms", _make_generate, requires=("train_one_epoch",),
             description="LPCAM on: load/build the prototype bank (baseline pass + clustering), then the host's "
             "generation with the swap; LPCAM=0: unchanged; V1 refused",
         )
 
 
-def explain() -> str:
-    """The patches this adapter registers and the settings it reads."""
-    rows = [r for m in ("models", "engine", "datasets", "vision_transformer") for r in _hooks.describe_patches(m)
-            if r.module == m and r.owner == __name__]
-    name_w = max(len(f"{r.module}:{r.name}") for r in rows)
-    status_w = max(len(r.status) for r in rows)
-    lines = [f"{'patch':<{name_w}}  {'status':<{status_w}}  what it changes"]
-    lines += [f"{r.module + ':' + r.name:<{name_w}}  {r.status:<{status_w}}  {r.description}" for r in rows]
-    lines += ["", "settings (environment variables):"]
-    width = max(len(k) for k in ENV_VARS)
-    lines += [f"  {k:<{width}}  {v}" for k, v in ENV_VARS.items()]
-    return "\n".join(lines)
+# --------------------------------------------------------------------------- lpcam mctformer prototypes|make
 
 
+def main_args(rest: list[str]) -> list[str]:
+    """``main.py`` arguments after ``--``, with ``--gen_attention_maps`` added when missing."""
+    argv = list(rest)
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if "--gen_attention_maps" not in argv:
+        argv.append("--gen_attention_maps")
+    return argv
+
+
+_FLAG_VARS = (("bank", "LPCAM_BANK"), ("config", "LPCAM_CONFIG"), ("preset", "LPCAM_PRESET"), ("tau", "LPCAM_TAU"),
+              ("k", "LPCAM_K"), ("mu", "LPCAM_MU"), ("seed", "LPCAM_SEED"), ("memory_gb", "LPCAM_MEMORY_GB"),
+              ("opt_head", "LPCAM_HEAD"), ("proto_list", "LPCAM_PROTO_LIST"), ("baseline_dir", "LPCAM_BASELINE_DIR"),
+              ("flip", "LPCAM_FLIP"))
+
+
+def _run_steps(ns: argparse.Namespace, env: dict[str, str]) -> int:
+    from lpcam_core import run
+
+    for option, var in _FLAG_VARS:
+        value = getattr(ns, option, None)
+        if value is not None:
+            env.setdefault(var, str(value))
+    if getattr(ns, "rebuild", False):
+        env["LPCAM_REBUILD_BANK"] = "1"
+    if run.launched_by_torchrun():
+        raise ValueError(
+            f"`lpcam mctformer {ns.host_command}` does not run under torchrun (this process is rank "
+            f"{os.environ['RANK']} of {os.environ['WORLD_SIZE']}): MCTformer's main.py runs as is, in one "
+            "process; launch it with one process, without torchrun (`lpcam mctformer ...`)"
+        )
+    if not ns.rest:
+        raise ValueError("give MCTformer's main.py arguments after `--` (model, data, --resume, ...)")
+    settings_for(None, {**os.environ, **env})  # a malformed setting fails now, before the host starts
+    run_host_main(ns.host, main_args(ns.rest), environ=env)
+    return 0
+
+
+def _cmd_prototypes(ns: argparse.Namespace) -> int:
+    return _run_steps(ns, {"LPCAM": "1", "LPCAM_BUILD": "only"})
+
+
+def _cmd_make(ns: argparse.Namespace) -> int:
+    env = {"LPCAM": "0"} if ns.off else {"LPCAM": "1", "LPCAM_BUILD": ns.build}
+    return _run_steps(ns, env)
+
+
+def _steps(sub: Any) -> None:
+    from .cli import add_settings_flags
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--host", required=True, help="MCTformer checkout (its main.py runs unmodified)")
+        p.add_argument("--bank", help="prototype bank file (default <checkpoint>.lpcam_bank.pt)")
+        p.add_argument("--config", help="YAML settings (LPCAMConfig keys; adapter keys under `adapter:`)")
+        p.add_argument("--preset", choices=("voc", "coco"), help="the paper's hyper-parameters (default from --data-set)")
+        p.add_argument("--tau", type=float, help="threshold on the min-max normalised baseline maps")
+        p.add_argument("--k", type=int, help="clusters per pool")
+        p.add_argument("--mu", type=float, help="mu_f and mu_b")
+        p.add_argument("--seed", type=int)
+        p.add_argument("--memory-gb", type=float, help="memory budget of the feature pools")
+        p.add_argument("--proto-list", help="ids clustered for prototypes (default <img-list>/train_id.txt)")
+        p.add_argument("--baseline-dir", help="baseline maps of the prototype list (default <cam-npy-dir>_baseline)")
+        p.add_argument("--rebuild", action="store_true", help="rebuild the bank even when a matching one exists")
+        add_settings_flags(p, INFO)
+        p.add_argument("rest", nargs=argparse.REMAINDER, help="-- then MCTformer's main.py arguments")
+
+    pr = sub.add_parser("prototypes", help="baseline maps of the prototype list and the prototype bank, then stop")
+    common(pr)
+    pr.set_defaults(func=_cmd_prototypes)
+    mk = sub.add_parser("make", help="MCTformer's attention-map generation with LPCAM (builds a missing bank)")
+    common(mk)
+    mk.add_argument("--flip", choices=("view", "feature"), help="per-view LPCAM (default) or feature-level flip fusion")
+    mk.add_argument("--build", choices=("auto", "never"), default="auto", help="build a missing bank (default) or fail")
+    mk.add_argument("--off", action="store_true", help="the host's own maps (LPCAM=0)")
+    mk.set_defaults(func=_cmd_make)
+
+
+def register(subparsers: Any) -> None:
+    """``lpcam mctformer ...`` (entry point ``lpcam.hosts``)."""
+    from .cli import add_host_group
+
+    add_host_group(subparsers, INFO, _steps)
+
+
+settings_for()  # a malformed LPCAM_* variable fails here, at import, not after training
 install()

@@ -12,7 +12,7 @@ never modified):
    (``--variants all`` adds one row per alternative choice);
 3. ``--masks``: amn_cam_to_ir_label, train_irn and make_sem_seg_labels (GPU) for AMN and LPCAM.
 
-Seeds are scored on the chainer eval set with ``lpcam_core.metrics`` (channel 0 dropped, a
+Seeds are scored on the chainer eval set with ``lpcam_core.eval.metrics`` (channel 0 dropped, a
 background plane at the threshold, as eval_amn_cam does) at AMN's threshold (0.25), at LPCAM's
 (0.30) and over a sweep. Writes ``results.json`` and ``table.md`` to ``--out``.
 
@@ -76,7 +76,7 @@ def run_host(work: Path, root: Path, flags: list[str], env: dict, logfile: Path,
 def prepare(ns: argparse.Namespace, out: Path) -> tuple[Path, Path, dict, list[str]]:
     """Work directory (patched copy of run_sample.py), VOC root, environment, eval ids."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from lpcam_adapters import _cli_amn, _irn_family
+    from lpcam_adapters import amn, cli, irn_family
 
     host = Path(ns.host).resolve()
     work = out / "work"
@@ -84,12 +84,12 @@ def prepare(ns: argparse.Namespace, out: Path) -> tuple[Path, Path, dict, list[s
         root, cls_labels, lists = IRN.smoke_dataset(out / "voc", ns.smoke_images)
     else:
         root, cls_labels, lists = Path(ns.voc12_root).resolve(), None, {}
-    _irn_family.prepare_workdir(host, work, cls_labels=cls_labels, lists=lists)
+    irn_family.prepare_workdir(host, work, cls_labels=cls_labels, lists=lists)
     script = work / "run_sample.py"
     if script.is_symlink():
         script.unlink()
         shutil.copyfile(host / "run_sample.py", script)
-    _cli_amn.apply_amn_patch(work)
+    cli.patch_entry_script(work, amn.INFO)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LPCAM")}
     env.update(PYTHONPYCACHEPREFIX=str(out / "pycache"), PYTHONUNBUFFERED="1")
     if ns.smoke:
@@ -102,9 +102,9 @@ def random_weights(work: Path, env: dict) -> None:
     code = """
 import os, torch
 import lpcam_adapters.amn
-from lpcam_adapters import _compat
+from lpcam_adapters import compat
 import net.resnet50_cam, net.resnet50_amn
-with _compat.checkpoint_follows():
+with compat.checkpoint_follows():
     torch.manual_seed(0); cam = net.resnet50_cam.CAM()
     torch.manual_seed(1); amn = net.resnet50_amn.CAM()
 os.makedirs("sess", exist_ok=True)
@@ -123,7 +123,7 @@ def _link(target: Path, source: str) -> None:
 
 def score(cam_dir: Path, gt_dir: Path, ids: list[str], thresholds: dict[str, float]) -> dict[str, Any]:
     """mIoU (%), precision and recall at each named threshold, and the sweep's best (channel 0 dropped)."""
-    from lpcam_core.metrics import evaluate_seeds, sweep_thresholds
+    from lpcam_core.eval.metrics import evaluate_seeds, sweep_thresholds
 
     out: dict[str, Any] = {}
     for label, thr in thresholds.items():

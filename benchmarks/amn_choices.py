@@ -36,11 +36,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lpcam_core import LPCAMConfig, lpcam_multiscale  # noqa: E402
-from lpcam_core.demo import CAMNet, DemoSettings, _to_tensor, train_classifier  # noqa: E402
+from lpcam_core import LPCAMConfig, PrototypeBuilder, lpcam_multiscale  # noqa: E402
+from lpcam_core.demo import CAMNet, DemoSettings, images_to_tensor, train_classifier  # noqa: E402
+from lpcam_core.demo.synthetic import SyntheticConfig, generate  # noqa: E402
+from lpcam_core.eval.metrics import accumulate_confusions  # noqa: E402
 from lpcam_core.maps import cam_multiscale  # noqa: E402
-from lpcam_core.metrics import accumulate_confusions  # noqa: E402
-from lpcam_core.synthetic import SyntheticConfig, generate  # noqa: E402
 
 NUM = 20  # label_enc input, as AMN's
 THRESHOLDS = tuple(round(0.05 + 0.025 * i, 3) for i in range(37))
@@ -164,7 +164,7 @@ def amn_maps(amn_mod, model: ToyAMN, x: torch.Tensor, y20: torch.Tensor, ir_labe
             for j in range(len(xb)):
                 keys = torch.nonzero(yb[j])[:, 0]
                 prob = F.softmax(high[j], 0)[torch.cat([torch.zeros(1, dtype=torch.long), keys + 1])].numpy()
-                out.append({"keys": keys, "high_res": amn_mod._normalise_foreground(prob, ir_labels[start + j])})
+                out.append({"keys": keys, "high_res": amn_mod.normalise_foreground(prob, ir_labels[start + j])})
     return out
 
 
@@ -211,7 +211,7 @@ def run(seed: int, ns: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"seed": seed}
 
     def cam_records(split) -> list[dict]:
-        x_all = _to_tensor(split.images)
+        x_all = images_to_tensor(split.images)
         out = []
         with torch.no_grad():
             for start in range(0, len(split), 64):
@@ -229,8 +229,8 @@ def run(seed: int, ns: argparse.Namespace) -> dict[str, Any]:
     clf_copy = CAMNet(n_cls, settings.width, settings.feature_dim)
     clf_copy.load_state_dict(clf.state_dict())
     model = ToyAMN(clf_copy, settings.feature_dim, rates=(1, 2, 3, 4))
-    x_train, y_train = _to_tensor(train.images), pad20(train.labels)
-    x_val, y_val = _to_tensor(val.images), pad20(val.labels)
+    x_train, y_train = images_to_tensor(train.images), pad20(train.labels)
+    x_val, y_val = images_to_tensor(val.images), pad20(val.labels)
     train_amn(model, x_train, y_train, ir_train, ns.amn_epochs, seed)
     log(f"seed {seed}: AMN-shaped net trained ({time.perf_counter() - t0:.0f}s)")
     amn_train = amn_maps(amn_mod, model, x_train, y_train, ir_train, scales)
@@ -239,14 +239,15 @@ def run(seed: int, ns: argparse.Namespace) -> dict[str, Any]:
     log(f"seed {seed}: AMN maps {result['AMN maps']['miou']:.1f} ({time.perf_counter() - t0:.0f}s)")
 
     cfg = LPCAMConfig.preset("voc", seed=seed, memory_budget_bytes=ns.pool_mib * 2**20)
-    base = amn_mod._irn_family.AdapterSettings(lpcam=cfg)
+    option = {o.name: o for o in amn_mod.OPTIONS}
     with torch.no_grad():
         emb_train = model.label_enc(y_train)[..., None, None]
         emb_val = model.label_enc(y_val)[..., None, None]
     batch = 64
-    for features, softmax, split in itertools.product(amn_mod.FEATURES, amn_mod.SOFTMAX_WAYS, amn_mod.SPLITS):
+    for features, softmax, split in itertools.product(option["features"].choices, option["softmax"].choices,
+                                                      option["split"].choices):
         conditioned = features == "conditioned"
-        pools = amn_mod._AMNPools(amn_mod.AMNSettings(base=base, features=features, softmax=softmax, split=split))
+        pools = PrototypeBuilder(20, cfg)
         for start in range(0, len(train), batch):
             f = raw_features(model, x_train[start:start + batch])
             if conditioned:
@@ -260,12 +261,11 @@ def run(seed: int, ns: argparse.Namespace) -> dict[str, Any]:
                     cams = amn_mod.ir_label_cams(ir_train[i], keys.tolist(), cfg.fg_threshold)
                 pools.add(f[j], cams, keys)
         banks = {}
-        for classifier in amn_mod.CLASSIFIERS:
-            pools.settings = amn_mod.AMNSettings(base=base, features=features, classifier=classifier, softmax=softmax,
-                                                 split=split)
+        for classifier in option["classifier"].choices:
+            choices = {"features": features, "classifier": classifier, "softmax": softmax, "split": split}
             logging.disable(logging.WARNING)
             try:
-                banks[classifier] = pools.build(model, torch.device("cpu"))
+                banks[classifier] = pools.build(amn_mod.amn_scorer(model, choices), progress=False)
             finally:
                 logging.disable(logging.NOTSET)
         records: dict[str, list] = {c: [] for c in banks}

@@ -3,7 +3,7 @@
 Runs the host's own ``run_sample.py`` (a patched copy, in a work directory of symlinks: the
 checkout is never modified) twice: ``LPCAM=0`` (IRN's CAM) and ``LPCAM=1`` (LPCAM, the bank
 built from ``voc12/train.txt``). Seeds are scored on the chainer eval set with
-``lpcam_core.metrics`` (chainercv's confusion matrix) at IRN's own threshold, at LPCAM's and
+``lpcam_core.eval.metrics`` (chainercv's confusion matrix) at IRN's own threshold, at LPCAM's and
 over a sweep. ``--masks`` adds IRN's pseudo-mask stage for both (cam_to_ir_label, train_irn,
 make_sem_seg_labels: GPU). Writes ``results.json`` and ``table.md`` to ``--out``.
 
@@ -98,7 +98,9 @@ def run_host(bench: Bench, work: Path, root: Path, enabled: set[str], flags: lis
 
 def prepare(bench: Bench, ns: argparse.Namespace, out: Path) -> tuple[Path, Path, dict, list[str]]:
     """Work directory, VOC root, environment and the eval ids."""
-    from lpcam_adapters import _cli, _irn_family
+    import importlib
+
+    from lpcam_adapters import cli, irn_family
 
     host = Path(ns.host).resolve()
     work = out / "work"
@@ -106,12 +108,12 @@ def prepare(bench: Bench, ns: argparse.Namespace, out: Path) -> tuple[Path, Path
         root, cls_labels, lists = smoke_dataset(out / "voc", ns.smoke_images)
     else:
         root, cls_labels, lists = Path(ns.voc12_root).resolve(), None, {}
-    _irn_family.prepare_workdir(host, work, cls_labels=cls_labels, lists=lists)
+    irn_family.prepare_workdir(host, work, cls_labels=cls_labels, lists=lists)
     script = work / "run_sample.py"
     if script.is_symlink():
         script.unlink()
         shutil.copyfile(host / "run_sample.py", script)
-    _cli.apply_patch(work, bench.adapter)
+    cli.patch_entry_script(work, importlib.import_module(f"lpcam_adapters.{bench.adapter}").INFO)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LPCAM")}
     env.update(PYTHONPYCACHEPREFIX=str(out / "pycache"), PYTHONUNBUFFERED="1")
     if ns.smoke:
@@ -123,7 +125,7 @@ def prepare(bench: Bench, ns: argparse.Namespace, out: Path) -> tuple[Path, Path
 
 def smoke_dataset(base: Path, num_images: int) -> tuple[Path, Path, dict]:
     """Synthetic VOC root (32x32), IRN labels padded to 20 classes, train = train_aug."""
-    from lpcam_core.synthetic import SyntheticConfig, write_voc
+    from lpcam_core.demo.synthetic import SyntheticConfig, write_voc
 
     num_train = max(20, num_images)
     cfg = SyntheticConfig(num_classes=4, image_size=32, num_images=num_train + 5, val_fraction=5 / (num_train + 5), seed=0)
@@ -138,9 +140,9 @@ def random_weights(bench: Bench, work: Path, env: dict) -> None:
     code = f"""
 import os, torch
 import lpcam_adapters.{bench.adapter}
-from lpcam_adapters import _compat
+from lpcam_adapters import compat
 import net.resnet50_cam as net
-with _compat.checkpoint_follows():
+with compat.checkpoint_follows():
     torch.manual_seed(0); cam = net.CAM()
     torch.manual_seed(1); recam = net.CAM()
 torch.manual_seed(2)
@@ -156,7 +158,7 @@ if {bench.name!r} == "recam":
 
 def score(cam_dir: Path, gt_dir: Path, ids: list[str], thresholds: dict[str, float]) -> dict[str, Any]:
     """mIoU (%), precision and recall at each named threshold, and the sweep's best."""
-    from lpcam_core.metrics import evaluate_seeds, sweep_thresholds
+    from lpcam_core.eval.metrics import evaluate_seeds, sweep_thresholds
 
     out: dict[str, Any] = {}
     for label, thr in thresholds.items():
@@ -171,8 +173,8 @@ def score(cam_dir: Path, gt_dir: Path, ids: list[str], thresholds: dict[str, flo
 
 def mask_score(sem_dir: Path, gt_dir: Path, ids: list[str]) -> float:
     """IRN's eval_sem_seg: 255 in the prediction counts as background; mIoU % over 21 classes."""
+    from lpcam_core.eval.metrics import confusion_matrix, scores_from_confusion
     from lpcam_core.io import load_label_png
-    from lpcam_core.metrics import confusion_matrix, scores_from_confusion
 
     preds, gts = [], []
     for i in ids:

@@ -1,6 +1,6 @@
 """Peak memory of the IRN adapter's prototype building on a VOC-train-sized stream (issue 4's bar).
 
-Runs :func:`lpcam_adapters._irn_family.build_bank` (the function ``import lpcam_adapters.irn`` and
+Runs :func:`lpcam_adapters.base.prototype_bank` (the function ``import lpcam_adapters.irn`` and
 ``lpcam irn prototypes`` call: DataLoader, baseline CAM files read from disk, stage-4 features
 streamed into :class:`lpcam_core.PrototypeBuilder`, K-means, bank saved) on 1,464 images of
 VOC size (512 x 384: a 2048 x 24 x 32 feature grid, as ResNet-50 at stride 16 gives on VOC).
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -73,7 +72,7 @@ def write_baselines(folder: Path, count: int, height: int, width: int, seed: int
     """IRN-format baseline CAM files ``<id>.npy`` (skipped when present); returns ids and labels."""
     from tqdm.auto import tqdm
 
-    from lpcam_core.io import save_irn_cam
+    from lpcam_core.formats import save_irn_cam
 
     folder.mkdir(parents=True, exist_ok=True)
     names, labels = [], []
@@ -113,22 +112,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from lpcam_adapters import _irn_family
+    from lpcam_adapters import base, irn_family
+    from lpcam_adapters.settings import HostSettings
     from lpcam_core import LPCAMConfig
 
     work = Path(args.work)
     names, labels = write_baselines(work / "baseline", args.images, args.height, args.width, args.seed)
     changes = {} if args.budget_gib is None else {"memory_budget_bytes": int(args.budget_gib * GIB)}
     config = LPCAMConfig.preset("voc", **changes)
-    settings = _irn_family.AdapterSettings(lpcam=config, rebuild_bank=True)
+    settings = HostSettings(lpcam=config, rebuild_bank=True)
     model = StandInNet(args.channels, args.seed).eval()
     weight = torch.randn(20, args.channels, generator=torch.Generator().manual_seed(args.seed))
     dataset = StreamDataset(names, labels, args.height, args.width, args.seed)
 
     before = _status_mib("VmRSS")
     start = time.perf_counter()
-    bank = _irn_family.build_bank(model, dataset, work / "baseline", settings, weight, bank_path=work / "bank.pt",
-                                  device="cpu")
+    host = irn_family.IRNFamily("stand-in", "stand_in", model, (1.0,), score_weight=weight)
+    data = base.Datasets(pool=dataset, proto_ids=names,
+                         labels={n: np.flatnonzero(lab).tolist() for n, lab in zip(names, labels)})
+    bank = base.prototype_bank(host, data, str(work / "baseline"), str(work / "bank.pt"), settings, {})
     seconds = time.perf_counter() - start
     peak = _status_mib("VmHWM")
     fh, fw = -(-args.height // 16), -(-args.width // 16)

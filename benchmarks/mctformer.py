@@ -2,10 +2,10 @@
 
 Two modes:
 
-``--smoke`` (CPU, minutes): a synthetic VOC-layout dataset (:mod:`lpcam_core.synthetic`, 20 classes),
+``--smoke`` (CPU, minutes): a synthetic VOC-layout dataset (:mod:`lpcam_core.demo.synthetic`, 20 classes),
 a tiny DeiT built from the host's own classes (random init, or ``--train-epochs`` of multi-label
 training), MCTformer's unmodified ``main.py`` generating PatchCAM-fused maps (``LPCAM=0``) and LPCAM-fused
-maps; both evaluated by MCTformer's ``evaluation.py --curve`` and by ``lpcam_core.metrics`` on the
+maps; both evaluated by MCTformer's ``evaluation.py --curve`` and by ``lpcam_core.eval.metrics`` on the
 same files (they must agree); ``--taus`` sweeps LPCAM's tau on the same baseline maps::
 
     python benchmarks/mctformer.py --smoke --hosts .hosts
@@ -80,9 +80,10 @@ def host_curve(host: Path, folder: Path, gt: Path, id_list: Path, work: Path) ->
 
 
 def our_curve(folder: Path, gt: Path, ids: list[str]) -> dict[float, tuple[float, float]]:
-    """lpcam_core.metrics on the same files: {threshold: (mIoU over 21 classes as the host, nanmean)}."""
-    from lpcam_core.io import load_label_png, load_mctformer_cam
-    from lpcam_core.metrics import accumulate_confusions
+    """lpcam_core.eval.metrics on the same files: {threshold: (mIoU over 21 classes as the host, nanmean)}."""
+    from lpcam_core.eval.metrics import accumulate_confusions
+    from lpcam_core.formats import load_mctformer_cam
+    from lpcam_core.io import load_label_png
 
     samples = []
     for i in ids:
@@ -115,7 +116,7 @@ def host_greedy(curve: dict[float, tuple[float, float]]) -> tuple[float, float]:
 def make_data(root: Path, images: int) -> dict:
     from PIL import Image
 
-    from lpcam_core.synthetic import SyntheticConfig, write_voc
+    from lpcam_core.demo.synthetic import SyntheticConfig, write_voc
 
     cfg = SyntheticConfig(num_classes=20, image_size=96, num_images=images, val_fraction=0.2, seed=0)
     data = write_voc(cfg, root / "VOC2012", progress=False)

@@ -67,14 +67,14 @@ from lpcam_core import PrototypeBuilder, lpcam_multiscale
 from lpcam_core.demo import (
     CAMNet,
     DemoSettings,
-    _seed_everything,
-    _to_tensor,
     demo_settings,
     evaluate_seeds,
+    images_to_tensor,
+    seed_everything,
     train_classifier,
 )
+from lpcam_core.demo.synthetic import SyntheticSplit, class_names, load_voc, write_voc
 from lpcam_core.maps import cam_multiscale
-from lpcam_core.synthetic import SyntheticSplit, class_names, load_voc, write_voc
 
 #: ReCAM's run_sample.py defaults and the step count of its train_recam on VOC train_aug.
 HOST_LR = 5e-4
@@ -179,7 +179,7 @@ def train_recam(net: nn.Module, predictor: ClassPredictor, split: SyntheticSplit
         at its start.
     """
     gen = torch.Generator().manual_seed(settings.seed + 1)
-    x_all = _to_tensor(split.images)
+    x_all = images_to_tensor(split.images)
     y_all = torch.from_numpy(split.labels)
     n, batch = len(split), settings.batch_size
     steps_per_epoch = max(1, n // batch)
@@ -253,13 +253,13 @@ def cls_weight(net: nn.Module) -> torch.Tensor:
 
 
 def valid_combos() -> list[tuple[str, str]]:
-    """The (backbone, classifier) pairs the adapter accepts (its AdapterSettings decides)."""
-    from lpcam_adapters._irn_family import AdapterSettings
+    """The (backbone, classifier) pairs the adapter accepts (its settings decide)."""
+    from lpcam_adapters.recam import recam_settings
 
     out = []
     for backbone, classifier in itertools.product(("recam", "cam"), ("recam", "cls")):
         try:
-            AdapterSettings(backbone=backbone, classifier=classifier)
+            recam_settings({"LPCAM_BACKBONE": backbone, "LPCAM_CLASSIFIER": classifier})
         except ValueError:
             continue
         out.append((backbone, classifier))
@@ -268,7 +268,7 @@ def valid_combos() -> list[tuple[str, str]]:
 
 def plan(combo: tuple[str, str], cam_net: nn.Module, recam_net: nn.Module,
          predictor: ClassPredictor) -> tuple[nn.Module, torch.Tensor]:
-    """(feature network, scoring weight [K, D]) of a combo, as ``lpcam_adapters.recam.recam_plan``."""
+    """(feature network, scoring weight [K, D]) of a combo, as ``lpcam_adapters.recam.recam_host``."""
     backbone, classifier = combo
     feature_net = cam_net if backbone == "cam" else recam_net
     score = recam_weight(recam_net, predictor) if classifier == "recam" else cls_weight(feature_net)
@@ -315,13 +315,13 @@ def build_banks(cam_net: nn.Module, recam_net: nn.Module, predictor: ClassPredic
     ``pool_cam_scales`` with flips, whatever the combo; pool features are the feature network's
     at scale 1, no flip. Combos sharing a feature network share the pools.
     """
-    cfg = settings.lpcam_config()
+    cfg = settings.lpcam
     names = class_names(train.labels.shape[1])
     nets = {"recam": recam_net, "cam": cam_net}
     w_recam = recam_weight(recam_net, predictor)
     builders = {b: PrototypeBuilder(train.labels.shape[1], cfg, class_names=names) for b in {c[0] for c in combos}}
     ref_builder = PrototypeBuilder(train.labels.shape[1], cfg, class_names=names) if reference else None
-    x_all = _to_tensor(train.images)
+    x_all = images_to_tensor(train.images)
     size = tuple(x_all.shape[2:])
     for start in range(0, len(train), 32):
         x = x_all[start:start + 32]
@@ -361,7 +361,7 @@ def compute_maps(cam_net: nn.Module, recam_net: nn.Module, predictor: ClassPredi
     feature_of = {combo_key(c): c[0] for c in combos}
     feature_of[REFERENCE] = "cam"
     out: dict[str, list[dict]] = {key: [] for key in [*ROWS, *banks]}
-    x_all = _to_tensor(split.images)
+    x_all = images_to_tensor(split.images)
     size = tuple(x_all.shape[2:])
     for start in range(0, len(split), 32):
         x = x_all[start:start + 32]
@@ -411,7 +411,7 @@ def run_seed(seed: int, settings: DemoSettings, variants: list[RecamSettings], d
     write_voc(settings.data, data_dir, progress=False)
     n_cls = settings.data.num_classes
     train, val = load_voc(data_dir, "train", n_cls), load_voc(data_dir, "val", n_cls)
-    _seed_everything(seed)
+    seed_everything(seed)
     cam_net = CAMNet(n_cls, settings.width, settings.feature_dim, settings.last_kernel)
     train_classifier(cam_net, train, settings, progress=False)
     log(f"seed {seed}: CAM network trained ({time.perf_counter() - t0:.0f}s)")

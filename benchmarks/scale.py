@@ -84,7 +84,7 @@ def image_features(index: int, keys: list[int], dim: int, grid: tuple[int, int],
 
 
 def worker_build(args) -> dict:
-    from lpcam_core import distributed as lpdist
+    from lpcam_core import run as lpdist
     from lpcam_core.config import LPCAMConfig
     from lpcam_core.prototypes import PrototypeBuilder
 
@@ -123,7 +123,9 @@ def worker_build(args) -> dict:
     lpdist.barrier()
     t1 = time.perf_counter()
     weight = torch.randn(args.classes, args.dim, generator=torch.Generator().manual_seed(1)).to(device)
-    bank = lpdist.build_distributed(builder, weight, device=device, progress=False)
+    from lpcam_core.classifier import LinearScorer
+
+    bank = lpdist.build_from_builder(builder, LinearScorer(weight), device=device, progress=False)
     build_s = time.perf_counter() - t1
     return {
         "rank": lpdist.rank(),
@@ -147,7 +149,7 @@ def worker_build(args) -> dict:
 
 
 def worker_maps(args) -> dict:
-    from lpcam_core import distributed as lpdist
+    from lpcam_core import run as lpdist
     from lpcam_core.bank import PrototypeBank
     from lpcam_core.maps import lpcam_multiscale
 
@@ -177,7 +179,9 @@ def worker_maps(args) -> dict:
     baseline = _rss_mib()
     lpdist.barrier()
     t0 = time.perf_counter()
-    stats = lpdist.generate(ids, compute, args.out, progress=False)
+    from lpcam_core.formats import irn_writer
+
+    stats = lpdist.write_maps(ids, compute, args.out, irn_writer, mode="fill", progress=False)
     seconds = time.perf_counter() - t0
     return {
         "rank": lpdist.rank(),
@@ -198,7 +202,7 @@ def worker_main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.WARNING)
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    from lpcam_core import distributed as lpdist
+    from lpcam_core import run as lpdist
 
     ctx = lpdist.init_from_env()
     result = worker_build(args) if args.worker == "build" else worker_maps(args)

@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cache of generated datasets (one folder per parameter set)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    g = p.add_argument_group("generator (lpcam_core.synthetic.SyntheticConfig)")
+    g = p.add_argument_group("generator (lpcam_core.demo.synthetic.SyntheticConfig)")
     g.add_argument("--num-classes", type=int, default=None)
     g.add_argument("--num-images", type=int, default=None, help="train + val images (default: max(1200, 200 per class))")
     g.add_argument("--image-size", type=int, default=None)

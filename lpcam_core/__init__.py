@@ -3,7 +3,10 @@
 Public API (explicit re-exports; heavy submodules are imported lazily)::
 
     from lpcam_core import kmeans, select_prototypes, LPCAMConfig, PrototypeBuilder, PrototypeBank
-    from lpcam_core import lpcam_map, lpcam_multiscale, LPCAM
+    from lpcam_core import lpcam_map, lpcam_multiscale, LPCAM, LinearScorer
+
+Subpackages: :mod:`lpcam_core.run` (the one engine: 1 process, spawned workers or torchrun),
+:mod:`lpcam_core.eval` (seed metrics), :mod:`lpcam_core.demo` (the synthetic benchmark).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._version import __version__
+from .version import __version__
 
 _EXPORTS = {
     "kmeans": "kmeans",
@@ -21,6 +24,9 @@ _EXPORTS = {
     "PrototypeBank": "bank",
     "BankError": "bank",
     "LPCAMConfig": "config",
+    "Scorer": "classifier",
+    "LinearScorer": "classifier",
+    "PerClassScorer": "classifier",
     "lpcam_map": "maps",
     "lpcam_multiscale": "maps",
     "LPCAM": "extractor",

@@ -6,7 +6,6 @@ The file is a ``torch.save`` of plain tensors, strings and numbers only, so it l
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -16,7 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ._version import __version__
+from .classifier import as_linear_weight, classifier_fingerprint
+from .version import __version__
 
 __all__ = ["PrototypeBank", "BankError", "classifier_fingerprint"]
 
@@ -28,15 +28,6 @@ FORMAT_VERSION = 1
 
 class BankError(ValueError):
     """A bank file is unreadable, foreign, or does not fit the model it is used with."""
-
-
-def classifier_fingerprint(weight: torch.Tensor, bias: torch.Tensor | None = None) -> str:
-    """sha256 (first 16 hex digits) of the classifier's float32 values: identifies the checkpoint."""
-    digest = hashlib.sha256()
-    digest.update(weight.detach().float().cpu().contiguous().numpy().tobytes())
-    if bias is not None:
-        digest.update(bias.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 class PrototypeBank:
@@ -84,6 +75,7 @@ class PrototypeBank:
         if max(self.foreground) >= num_classes or min(self.foreground) < 0:
             raise BankError(f"PrototypeBank: class indices {list(self.foreground)} outside 0..{num_classes - 1}")
         self._stack_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.library_version: str | None = None  # of the lpcam that saved the file (set by load)
 
     # ------------------------------------------------------------------ views
     @property
@@ -243,6 +235,8 @@ class PrototypeBank:
             raise BankError(f"{path}: malformed LPCAM prototype bank ({err})") from None
         except BankError as err:
             raise BankError(f"{path}: {err}") from None
+        version = state.get("library_version")
+        bank.library_version = str(version)[:64] if version is not None else None
         bank.check_fits(num_classes=num_classes, feature_dim=feature_dim, classifier_weight=classifier_weight, bias=bias, source=path)
         return bank
 
@@ -261,9 +255,7 @@ class PrototypeBank:
         if feature_dim is not None and int(feature_dim) != self.feature_dim:
             raise BankError(f"{source}: built on {self.feature_dim}-d features, the model gives {feature_dim}")
         if classifier_weight is not None:
-            from .prototypes import _as_linear_weight
-
-            weight = _as_linear_weight(classifier_weight, "classifier_weight")
+            weight = as_linear_weight(classifier_weight, "classifier_weight")
             expected = self.meta.get("classifier_fingerprint")
             got = classifier_fingerprint(weight, bias)
             if expected is None:

@@ -1,19 +1,23 @@
-"""The ``lpcam`` command line: ``info``, ``eval``, ``demo``; host adapters add their own subcommands."""
+"""The ``lpcam`` command line: ``info``, ``eval``, ``demo``; host adapters add their own subcommands.
+
+Hosts are found through the ``lpcam.hosts`` entry-point group: each entry names a callable that adds
+a sub-command group to the parser (``register(subparsers)``), built without importing torch. The core
+names no adapter.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Sequence
 
-from ._version import __version__
+from .version import __version__
 
 __all__ = ["main", "build_parser"]
 
-# Modules exposing register(subparsers): `lpcam irn|recam|amn ...` (the IRN family), `lpcam mctformer ...`.
-ADAPTER_CLIS = ("lpcam_adapters._cli", "lpcam_adapters._cli_mctformer")
+#: Entry-point group of the host command groups (``lpcam <host> ...``).
+HOSTS_GROUP = "lpcam.hosts"
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -27,7 +31,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     bank = PrototypeBank.load(args.bank)
     meta = bank.meta
     print(f"{args.bank}: {bank!r}")
-    print(f"  library version {meta.get('library_version', '?')}, classifier fingerprint {meta.get('classifier_fingerprint')}")
+    print(f"  library version {bank.library_version or '?'}, classifier fingerprint {meta.get('classifier_fingerprint')}")
     cfg = meta.get("config") or {}
     if cfg:
         print(
@@ -48,7 +52,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from . import metrics
+    from .eval import metrics
     from .io import read_id_list
 
     ids = read_id_list(args.list)
@@ -77,7 +81,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def host_entry_points() -> dict:
+    """The installed hosts' entry points (group ``lpcam.hosts``), by name."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in sorted(entry_points(group=HOSTS_GROUP), key=lambda ep: ep.name)}
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The sub-command named in ``argv`` (the first token that is not an option)."""
+    for token in argv:
+        if not token.startswith("-"):
+            return token
+    return None
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; of the host groups, only the one ``argv`` names is loaded (the others are listed by name),
+    so one host's import-time work never happens for another's command."""
     parser = argparse.ArgumentParser(
         prog="lpcam",
         description="LPCAM: class activation maps from local prototypes (CVPR 2023) for WSSS hosts.",
@@ -121,17 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
         add_demo_arguments(demo)
         demo.set_defaults(func=main_from_args)
 
-    for module in ADAPTER_CLIS:  # each host adapter adds its subcommand group
-        try:
-            adapter_cli = importlib.import_module(module)
-        except ImportError:
-            continue
-        adapter_cli.register(sub)
+    selected = _command_of(sys.argv[1:] if argv is None else argv)
+    for name, ep in host_entry_points().items():  # each host adapter adds its subcommand group
+        if name == selected:
+            ep.load()(sub)
+        else:
+            sub.add_parser(name, help=f"LPCAM for the {name} host (`lpcam {name} --help`)", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser(argv)
+    except (FileNotFoundError, ValueError, TypeError) as err:  # a host's settings, checked as it loads
+        sys.stderr.write(f"lpcam: error: {err}\n")
+        return 2
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

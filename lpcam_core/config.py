@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["LPCAMConfig", "PRESETS"]
+__all__ = ["LPCAMConfig", "PRESETS", "parse_yaml_mapping", "load_yaml_mapping"]
 
 GIB = 1024**3
 
@@ -39,7 +39,8 @@ class LPCAMConfig:
             the image being added and for re-allocating a pool when pools are capped); once full, each
             pool keeps a seeded uniform sample of the features it was offered.
         kmeans_max_iter: iteration cap of K-means.
-        kmeans_tol: stop when the relative change of inertia falls below this.
+        kmeans_tol: stop when the largest squared shift of a unit-normalised centre between two
+            iterations falls below this.
         kmeans_n_init: K-means restarts (best inertia kept).
         scales: inference scales; each scale is run with its horizontal flip.
         max_normalise_eps: added to the max in the final division. 0.0 reproduces the release
@@ -63,10 +64,12 @@ class LPCAMConfig:
     preset_name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        try:
-            scales = tuple(float(s) for s in self.scales)
-        except (TypeError, ValueError):
-            raise ValueError(f"LPCAMConfig.scales={self.scales!r}: expected a sequence of positive numbers") from None
+        raw = self.scales
+        if isinstance(raw, (str, bytes)) or not isinstance(raw, (list, tuple)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw
+        ):
+            raise ValueError(f"LPCAMConfig.scales={_short_repr(raw)}: expected a list of positive numbers, e.g. [1.0, 0.5]")
+        scales = tuple(float(v) for v in raw)
         object.__setattr__(self, "scales", scales)
         self.validate()
 
@@ -75,7 +78,7 @@ class LPCAMConfig:
 
         def need(ok: bool, name: str, expected: str) -> None:
             if not ok:
-                raise ValueError(f"LPCAMConfig.{name}={getattr(self, name)!r}: expected {expected}")
+                raise ValueError(f"LPCAMConfig.{name}={_short_repr(getattr(self, name))}: expected {expected}")
 
         def is_int(value: Any) -> bool:  # bool is an int subclass; `num_clusters: yes` must not mean 1
             return isinstance(value, int) and not isinstance(value, bool)
@@ -83,30 +86,34 @@ class LPCAMConfig:
         def is_number(value: Any) -> bool:
             return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
-        need(is_int(self.num_clusters) and self.num_clusters >= 1, "num_clusters", "an int >= 1")
+        need(is_int(self.num_clusters) and 1 <= self.num_clusters <= 100_000, "num_clusters", "an int in 1..100000")
         for name in ("fg_threshold", "class_threshold", "context_low", "context_high", "kmeans_tol", "max_normalise_eps"):
             need(is_number(getattr(self, name)), name, "a finite number")
         need(isinstance(self.fallback_best_center, bool), "fallback_best_center", "true or false")
         need(0.0 <= self.fg_threshold <= 1.0, "fg_threshold", "a CAM value in [0, 1]")
         need(0.0 <= self.class_threshold < 1.0, "class_threshold", "a probability in [0, 1)")
+        need(0.0 <= self.context_low < 1.0, "context_low", "a probability in [0, 1)")
+        need(0.0 < self.context_high <= 1.0, "context_high", "a probability in (0, 1]")
         need(self.context_low < self.context_high, "context_low", f"< context_high ({self.context_high})")
         need(
             self.images_per_class is None or (is_int(self.images_per_class) and self.images_per_class >= 1),
             "images_per_class",
             "None or an int >= 1",
         )
-        need(is_int(self.seed), "seed", "an int")
+        need(is_int(self.seed) and 0 <= self.seed < 2**32, "seed", "an int in [0, 2**32)")
         need(is_int(self.memory_budget_bytes) and self.memory_budget_bytes > 0, "memory_budget_bytes", "a positive int")
-        need(is_int(self.kmeans_max_iter) and self.kmeans_max_iter >= 1, "kmeans_max_iter", "an int >= 1")
+        need(is_int(self.kmeans_max_iter) and 1 <= self.kmeans_max_iter <= 100_000, "kmeans_max_iter",
+             "an int in 1..100000")
         need(self.kmeans_tol >= 0, "kmeans_tol", "a number >= 0")
-        need(is_int(self.kmeans_n_init) and self.kmeans_n_init >= 1, "kmeans_n_init", "an int >= 1")
-        need(len(self.scales) >= 1 and all(s > 0 and math.isfinite(s) for s in self.scales), "scales", "one or more positive scales")
+        need(is_int(self.kmeans_n_init) and 1 <= self.kmeans_n_init <= 1000, "kmeans_n_init", "an int in 1..1000")
+        need(1 <= len(self.scales) <= 16 and all(0 < s <= 16 and math.isfinite(s) for s in self.scales), "scales",
+             "1 to 16 scales in (0, 16]")
         need(self.max_normalise_eps >= 0, "max_normalise_eps", "a number >= 0")
 
     # ------------------------------------------------------------------ presets
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> LPCAMConfig:
-        """The paper's settings for ``"voc"`` or ``"coco"`` (PAPER.md), with optional overrides.
+        """The paper's settings for ``"voc"`` or ``"coco"`` (docs/method.md), with optional overrides.
 
         Example:
             >>> LPCAMConfig.preset("coco").num_clusters
@@ -141,10 +148,13 @@ class LPCAMConfig:
         preset = data.pop("preset", None)
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown LPCAM setting(s) {unknown}; known: {sorted(known)}")
-        if preset is not None:
-            return cls.preset(str(preset), **data)
-        return cls(**data)
+            raise ValueError(f"{source}: unknown LPCAM setting(s) {_short_repr(unknown)}; known: {sorted(known)}")
+        try:
+            if preset is not None:
+                return cls.preset(str(preset), **data)
+            return cls(**data)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
 
     def to_yaml(self, path: str | os.PathLike | None = None) -> str:
         """YAML text of the settings; also written atomically to ``path`` when given."""
@@ -159,27 +169,65 @@ class LPCAMConfig:
 
     @classmethod
     def from_yaml(cls, path_or_text: str | os.PathLike) -> LPCAMConfig:
-        """Load from a YAML file path (or YAML text containing a newline)."""
-        import yaml
+        """Load from a YAML file path (or YAML text containing a newline).
 
-        text = str(path_or_text)
-        source = "YAML text"
-        if "\n" not in text:
-            source = text
-            try:
-                with open(text, encoding="utf-8") as handle:
-                    text = handle.read()
-            except FileNotFoundError:
-                raise FileNotFoundError(f"LPCAM config file not found: {source}") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"{source}: not valid YAML ({err})") from None
-        return cls.from_dict(data, source=source)
+        The file may hold at most 1 MiB and no YAML aliases (``&a`` / ``*a``): a few hundred bytes of
+        nested aliases expand to gigabytes.
+        """
+        text = os.fspath(path_or_text)
+        if "\n" in text:
+            return cls.from_dict(parse_yaml_mapping(text, "YAML text"), source="YAML text")
+        return cls.from_dict(load_yaml_mapping(text, text), source=text)
+
+
+_MAX_YAML_BYTES = 1 << 20
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error message never carries a whole file."""
+    text = repr(value) if not isinstance(value, (dict, list, tuple)) or len(value) < 64 else f"<{type(value).__name__} of {len(value)} items>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def parse_yaml_mapping(text: str, where: str) -> dict[str, Any]:
+    """YAML text -> a mapping, with anchors/aliases refused; ``ValueError`` naming ``where`` otherwise."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise ValueError(f"{where}: YAML aliases (*{event.anchor}) are not accepted in LPCAM settings")
+            return super().compose_node(parent, index)
+
+    try:
+        data = yaml.load(text, Loader=NoAliasLoader) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{where}: not valid YAML ({_short_repr(str(err), 300)})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping of LPCAM settings, got {type(data).__name__}")
+    return data
+
+
+def load_yaml_mapping(path: str | os.PathLike, where: str, *, max_bytes: int = _MAX_YAML_BYTES) -> dict[str, Any]:
+    """A YAML file -> a mapping (:func:`parse_yaml_mapping`), refusing directories, huge and non-UTF-8 files."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{where}: LPCAM config file not found")
+    if not os.path.isfile(path):
+        raise ValueError(f"{where}: not a regular file (expected a YAML file of LPCAM settings)")
+    if os.path.getsize(path) > max_bytes:
+        raise ValueError(f"{where}: {os.path.getsize(path)} bytes; an LPCAM settings file holds at most {max_bytes}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except UnicodeDecodeError:
+        raise ValueError(f"{where}: not UTF-8 text (expected a YAML file of LPCAM settings)") from None
+    return parse_yaml_mapping(text, where)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # PAPER.md, hyper-parameters: VOC clusters the 1,464 train images at one scale, no flip.
+    # The paper's hyper-parameters: VOC clusters the 1,464 train images at one scale, no flip.
     "voc": dict(
         num_clusters=12,
         fg_threshold=0.1,

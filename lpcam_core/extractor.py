@@ -23,11 +23,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .bank import PrototypeBank
+from .classifier import LinearScorer, equivalent_linear
 from .config import LPCAMConfig
 from .maps import cam_multiscale, lpcam_multiscale
-from .prototypes import PrototypeBuilder
 
-__all__ = ["LPCAM", "find_module", "equivalent_linear"]
+__all__ = ["LPCAM", "find_module"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,28 +46,6 @@ def find_module(model: nn.Module, layer: nn.Module | str, argument: str = "layer
     close = difflib.get_close_matches(layer, [n for n in modules if n], n=5, cutoff=0.5)
     hint = f"; close names: {close}" if close else f"; top-level modules: {[n for n, _ in model.named_children()]}"
     raise ValueError(f"{argument}={layer!r} is not a module of {type(model).__name__}{hint}")
-
-
-def equivalent_linear(classifier: nn.Module | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The linear classifier [num_classes, C] (and bias) acting on one local feature.
-
-    Linear and 1x1 conv give their weight; a k x k conv gives the sum over its taps (its exact response
-    to a constant feature map away from the border), plus its bias.
-    """
-    if isinstance(classifier, torch.Tensor):
-        weight, bias = classifier, None
-    elif isinstance(classifier, (nn.Linear, nn.Conv2d)):
-        weight, bias = classifier.weight, classifier.bias
-    else:
-        raise TypeError(
-            f"classifier must be an nn.Linear, an nn.Conv2d or a weight tensor, got {type(classifier).__name__}"
-        )
-    weight = weight.detach()
-    if weight.ndim == 4:
-        weight = weight.sum(dim=(2, 3))
-    if weight.ndim != 2:
-        raise ValueError(f"classifier weight must be [num_classes, C] or a conv weight, got {tuple(weight.shape)}")
-    return weight, (bias.detach() if bias is not None else None)
 
 
 class LPCAM:
@@ -204,7 +182,7 @@ class LPCAM:
         progress: bool = True,
         class_names: Sequence[str] | None = None,
     ) -> PrototypeBank:
-        """Build the prototype bank from labelled training images (PAPER.md steps 1-4).
+        """Build the prototype bank from labelled training images (steps 1-4 of the method, docs/method.md).
 
         Args:
             loader: yields ``(images [B, 3, H, W], labels)`` with labels multi-hot [B, num_classes]
@@ -216,19 +194,27 @@ class LPCAM:
         """
         from tqdm.auto import tqdm
 
+        from .run import stream_prototypes
+
         scales = tuple(cam_scales) if cam_scales is not None else self.config.scales
-        builder = PrototypeBuilder(self.num_classes, self.config, class_names=class_names)
         # The scale-1 view's first row is the unflipped image: pooled without a second forward pass.
         unflipped = scales.index(1.0) if 1.0 in scales else None
-        for images, labels in tqdm(loader, desc="LPCAM features", disable=not progress, leave=False):
-            for image, keys in zip(images, _label_lists(labels, self.num_classes)):
-                if not keys:
-                    continue
-                views = self._views(image, scales)
-                baseline = self._cam_of_views(views, keys, image.shape[-2:])["high_res"]
-                feats = views[unflipped][0] if unflipped is not None else self.features(image[None])[0]
-                builder.add(feats, torch.from_numpy(baseline), keys)
-        self.bank = builder.build(self.classifier_weight, self.classifier_bias, progress=progress)
+
+        def stream():
+            index = 0
+            for images, labels in tqdm(loader, desc="LPCAM features", disable=not progress, leave=False):
+                for image, keys in zip(images, _label_lists(labels, self.num_classes)):
+                    if not keys:
+                        continue
+                    views = self._views(image, scales)
+                    baseline = self._cam_of_views(views, keys, image.shape[-2:])["high_res"]
+                    feats = views[unflipped][0] if unflipped is not None else self.features(image[None])[0]
+                    yield index, (feats, torch.from_numpy(baseline), keys)
+                    index += 1
+
+        scorer = LinearScorer(self.classifier_weight, self.classifier_bias)
+        self.bank = stream_prototypes(stream(), self.num_classes, scorer, config=self.config, class_names=class_names,
+                                      progress=progress)
         return self.bank
 
     # ------------------------------------------------------------------ maps

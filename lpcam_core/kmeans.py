@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._finite import all_finite
+from .finite import all_finite
 
 __all__ = ["KMeansResult", "kmeans"]
 

@@ -1,4 +1,4 @@
-"""LPCAM maps (PAPER.md steps 5-6) and the baseline CAM they replace, in the IRN family's file format.
+"""LPCAM maps (steps 5-6 of the method, docs/method.md) and the baseline CAM they replace, in the IRN family's file format.
 
 Every similarity is computed in float32, with autocast disabled, whatever the input dtype.
 """
@@ -6,14 +6,18 @@ Every similarity is computed in float32, with autocast disabled, whatever the in
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._finite import all_finite
 from .bank import PrototypeBank
+from .classifier import as_linear_weight
+from .finite import all_finite
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "lpcam_map",
@@ -87,7 +91,7 @@ def _float32_maths(device: torch.device):
 
 
 def lpcam_map(fused: torch.Tensor, bank: PrototypeBank, classes) -> torch.Tensor:
-    """LPCAM of ``classes`` on one feature map (PAPER.md step 5), all classes in one matmul.
+    """LPCAM of ``classes`` on one feature map (step 5 of the method), all classes in one matmul.
 
     ``A_c = mean_i cos(f, P_c,i) - mean_j cos(f, B_c,j)`` then ReLU; a class with no context prototype
     gets the bare mean similarity, neither subtraction nor ReLU (the official release's rule).
@@ -168,8 +172,9 @@ def _check_multiscale(features, image_size) -> tuple[int, int]:
     return height, width
 
 
-def lpcam_multiscale(features, bank: PrototypeBank, keys, image_size, *, eps: float = 0.0) -> dict:
-    """LPCAM for one image over scales and flips, in the IRN family's file format (PAPER.md steps 5-6).
+def lpcam_multiscale(features, bank: PrototypeBank, keys, image_size, *, eps: float = 0.0,
+                     missing: str = "error") -> dict:
+    """LPCAM for one image over scales and flips, in the IRN family's file format (steps 5-6 of the method, docs/method.md).
 
     At each scale the flipped view's features are flipped back and added to the image's
     (``fused = f[0] + f[1].flip(-1)``) before any similarity; the per-scale maps are bilinearly resized to
@@ -183,14 +188,25 @@ def lpcam_multiscale(features, bank: PrototypeBank, keys, image_size, *, eps: fl
         keys: the present classes (sequence or tensor of indices).
         image_size: (H, W) of the original image.
         eps: added to the maximum (0, the release's bare division).
+        missing: a present class without prototypes in ``bank``: ``"error"`` (``ValueError``, default)
+            or ``"zeros"`` (an all-zero map, with a warning the first time the class is met): what a host
+            whose file must hold a map for every present class needs.
 
     Returns:
         ``{"keys": int64 tensor [n], "cam": float32 tensor [n, ceil(H/4), ceil(W/4)] (CPU),
         "high_res": float32 numpy [n, H, W]}``.
     """
+    if missing not in ("error", "zeros"):
+        raise ValueError(f"missing={missing!r}: expected 'error' or 'zeros'")
     height, width = _check_multiscale(features, image_size)
     features = [features] if isinstance(features, torch.Tensor) else list(features)
-    class_list = bank.check_classes(_class_list(keys, "keys"), "keys")
+    requested = _class_list(keys, "keys")
+    if missing == "zeros":
+        known = [k for k in requested if k in bank.foreground]
+        if len(known) < len(requested):
+            return _with_zero_maps(requested, known, lpcam_multiscale(features, bank, known, image_size, eps=eps),
+                                   (height, width))
+    class_list = bank.check_classes(requested, "keys")
     per_scale = []
     for i, pair in enumerate(features):
         _check_features(pair, f"features[{i}]", (4,), bank.feature_dim)
@@ -202,6 +218,24 @@ def lpcam_multiscale(features, bank: PrototypeBank, keys, image_size, *, eps: fl
             raise ValueError(f"features[{i}]: the image and flipped-image features sum to inf (values near the float32 limit)")
         per_scale.append(_lpcam_map_checked(fused[None], bank, class_list)[0])
     return _irn_record(class_list, per_scale, (height, width), eps)
+
+
+_warned_missing: set[int] = set()
+
+
+def _with_zero_maps(requested: list[int], known: list[int], record: dict, image_size: tuple[int, int]) -> dict:
+    """``record`` of the ``known`` classes spread into maps of every ``requested`` class (zeros elsewhere)."""
+    new = sorted(set(requested) - set(known) - _warned_missing)
+    if new:
+        _warned_missing.update(new)
+        logger.warning("classes %s have no prototype in the bank: their LPCAM maps are zero", new)
+    cam = torch.zeros(len(requested), *strided_size(image_size, 4))
+    high = np.zeros((len(requested), *image_size), dtype=np.float32)
+    for j, k in enumerate(known):
+        i = requested.index(k)
+        cam[i] = record["cam"][j]
+        high[i] = record["high_res"][j]
+    return {"keys": torch.tensor(requested, dtype=torch.int64), "cam": cam, "high_res": high}
 
 
 def _irn_record(class_list: list[int], per_scale: list[torch.Tensor], image_size: tuple[int, int], eps: float) -> dict:
@@ -231,9 +265,7 @@ def cam_map(features: torch.Tensor, classifier_weight: torch.Tensor, classes=Non
     Returns:
         [n, h, w] or [B, n, h, w] float32.
     """
-    from .prototypes import _as_linear_weight
-
-    weight = _as_linear_weight(classifier_weight, "classifier_weight")
+    weight = as_linear_weight(classifier_weight, "classifier_weight")
     _check_features(features, "features", (3, 4), weight.shape[1])
     if classes is not None:
         weight = weight[_class_list(classes)]

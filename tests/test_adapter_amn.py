@@ -16,17 +16,44 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lpcam_adapters import _hooks
+from lpcam_adapters import base, cli, hooks, irn_family
+from lpcam_adapters.settings import HostSettings, read_settings
 from lpcam_core import LPCAMConfig, PrototypeBank, lpcam_multiscale
-from lpcam_core.io import load_irn_cam, save_irn_cam
+from lpcam_core.formats import load_irn_cam, save_irn_cam
 from lpcam_core.prototypes import split_by_cam
 
 
 @pytest.fixture(scope="module")
 def amn():
     """The adapter module; its import-time registrations are undone after this module's tests."""
-    with _hooks.scoped():
+    with hooks.scoped():
         yield importlib.import_module("lpcam_adapters.amn")
+
+
+def options(amn, **choices):
+    """The stage-(b) options: the defaults with ``choices``."""
+    return {**{o.name: o.default for o in amn.OPTIONS}, **choices}
+
+
+def settings_of(amn, env):
+    return read_settings(amn.OPTIONS, env, section="amn")
+
+
+def stage_b(amn, model, png_dir="ir", tau=0.1, **choices):
+    return amn.AMNStageB(model, "stand_in", (1.0,), options(amn, **choices), str(png_dir), tau)
+
+
+def pool_data(dataset):
+    names = [it["name"] for it in dataset.items]
+    labels = {it["name"]: torch.nonzero(it["label"])[:, 0].tolist() for it in dataset.items}
+    return base.Datasets(pool=dataset, proto_ids=names, labels=labels)
+
+
+def build(amn, model, dataset, cfg, base_dir, png_dir, bank_path=None, **choices):
+    host = stage_b(amn, model, png_dir, cfg.fg_threshold, **choices)
+    settings = HostSettings(lpcam=cfg, options=options(amn, **choices))
+    return base.prototype_bank(host, pool_data(dataset), None if base_dir is None else str(base_dir),
+                               None if bank_path is None else str(bank_path), settings, host.meta)
 
 
 # --------------------------------------------------------------------------- stand-in network
@@ -110,7 +137,7 @@ def test_centre_taps_classifier_is_the_response_without_the_dilated_taps(amn):
         out = model.classifier[1](x)[0]
     # with only centre taps every position (border included) sees W_centre v + b
     torch.testing.assert_close(out[:, 0, 0], weight @ v + bias, rtol=1e-5, atol=1e-5)
-    assert amn.AMNSettings(classifier="center").classifier == "centre"
+    assert settings_of(amn, {"LPCAM_AMN_CLASSIFIER": "center"}).option("classifier") == "centre"
 
 
 def test_head_errors_name_what_is_missing(amn):
@@ -127,13 +154,13 @@ def test_head_errors_name_what_is_missing(amn):
 def test_scoring_classifier_rows_and_conditioning(amn):
     model = StandInAMN()
     weight, bias = amn.equivalent_classifier(model, "all_taps")
-    w20, b20 = amn.scoring_classifier(model, amn.AMNSettings())
+    w20, b20 = amn.scoring_classifier(model, options(amn))
     torch.testing.assert_close(w20, weight[1:])
     torch.testing.assert_close(b20, bias[1:])
-    w21, b21 = amn.scoring_classifier(model, amn.AMNSettings(softmax=21))
+    w21, b21 = amn.scoring_classifier(model, options(amn, softmax=21))
     torch.testing.assert_close(w21, weight)
     torch.testing.assert_close(b21, bias)
-    raw = amn.AMNSettings(features="raw")
+    raw = options(amn, features="raw")
     with pytest.raises(ValueError, match="class_index"):
         amn.scoring_classifier(model, raw)
     w_raw, _ = amn.scoring_classifier(model, raw, 3)
@@ -246,14 +273,14 @@ def test_bank_of_every_choice_covers_the_present_classes(amn, tmp_path, choices,
     dataset = _ProtoSet()
     base_dir, png_dir = _write_split_inputs(amn, model, dataset, tmp_path)
     cfg = LPCAMConfig.preset("voc", num_clusters=2)
-    settings = amn.AMNSettings(base=amn._irn_family.AdapterSettings(lpcam=cfg), **choices)
     with caplog.at_level(logging.WARNING):
-        bank = amn.build_amn_bank(model, dataset, settings, baseline_dir=base_dir, ir_label_dir=png_dir,
-                                  bank_path=tmp_path / "bank.pt", device="cpu")
+        bank = build(amn, model, dataset, cfg, base_dir, png_dir, tmp_path / "bank.pt", **choices)
     assert bank.classes == [0, 1, 2, 3]
     assert bank.num_classes == 20 and bank.feature_dim == 8
-    assert bank.meta["amn_choices"] == settings.choices()
-    assert not any("never appeared" in r.getMessage() for r in caplog.records)
+    wanted = options(amn, **choices)
+    assert bank.meta["amn_choices"] == {k: wanted[k] for k in ("features", "classifier", "softmax", "split")}
+    absent = [r.getMessage() for r in caplog.records if "never appeared" in r.getMessage()]
+    assert absent == ["classes " + str(list(range(4, 20))) + " never appeared in the images added: they get no prototypes"]
     assert all(k.split("/")[1] in {"0", "1", "2", "3"} for k in bank.meta["features_seen"])
     reloaded = PrototypeBank.load(tmp_path / "bank.pt")
     assert torch.equal(reloaded.foreground[3], bank.foreground[3])
@@ -264,32 +291,30 @@ def test_bank_is_reused_only_with_the_same_choices_and_head(amn, tmp_path, caplo
     dataset = _ProtoSet()
     base_dir, png_dir = _write_split_inputs(amn, model, dataset, tmp_path)
     cfg = LPCAMConfig.preset("voc", num_clusters=2)
-    settings = amn.AMNSettings(base=amn._irn_family.AdapterSettings(lpcam=cfg))
-    kwargs = dict(baseline_dir=base_dir, ir_label_dir=png_dir, bank_path=tmp_path / "bank.pt", device="cpu")
-    first = amn.build_amn_bank(model, dataset, settings, **kwargs)
-    with caplog.at_level(logging.INFO, logger="lpcam_adapters.amn"):
-        again = amn.build_amn_bank(model, dataset, settings, **kwargs)
+    bank_path = tmp_path / "bank.pt"
+    first = build(amn, model, dataset, cfg, base_dir, png_dir, bank_path)
+    with caplog.at_level(logging.INFO, logger="lpcam_core.run.bank_loop"):
+        again = build(amn, model, dataset, cfg, base_dir, png_dir, bank_path)
     assert "reusing" in caplog.text
     assert torch.equal(first.foreground[0], again.foreground[0])
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="lpcam_adapters.amn"):
-        amn.build_amn_bank(model, dataset, amn.AMNSettings(base=settings.base, softmax=21), **kwargs)
+    with caplog.at_level(logging.WARNING, logger="lpcam_core.run.bank_loop"):
+        build(amn, model, dataset, cfg, base_dir, png_dir, bank_path, softmax=21)
     assert "rebuilding" in caplog.text and "amn_choices" in caplog.text
     caplog.clear()
     with torch.no_grad():
         model.classifier[1].c0.bias.add_(1.0)
-    with caplog.at_level(logging.WARNING, logger="lpcam_adapters.amn"):
-        amn.build_amn_bank(model, dataset, amn.AMNSettings(base=settings.base, softmax=21), **kwargs)
-    assert "amn_fingerprint" in caplog.text
+    with caplog.at_level(logging.WARNING, logger="lpcam_core.run.bank_loop"):
+        build(amn, model, dataset, cfg, base_dir, png_dir, bank_path, softmax=21)
+    assert "rebuilding" in caplog.text and "another classifier" in caplog.text  # the head changed
 
 
 def test_two_builds_give_identical_banks(amn, tmp_path):
     model = StandInAMN()
     dataset = _ProtoSet()
     base_dir, png_dir = _write_split_inputs(amn, model, dataset, tmp_path)
-    settings = amn.AMNSettings(base=amn._irn_family.AdapterSettings(lpcam=LPCAMConfig.preset("voc", num_clusters=3)))
-    banks = [amn.build_amn_bank(model, dataset, settings, baseline_dir=base_dir, ir_label_dir=png_dir, device="cpu")
-             for _ in range(2)]
+    cfg = LPCAMConfig.preset("voc", num_clusters=3)
+    banks = [build(amn, model, dataset, cfg, base_dir, png_dir) for _ in range(2)]
     for c in banks[0].classes:
         assert torch.equal(banks[0].foreground[c], banks[1].foreground[c])
         assert torch.equal(banks[0].context[c], banks[1].context[c])
@@ -305,10 +330,17 @@ def test_record_is_the_core_map_behind_a_placeholder_background(amn):
                          {1: torch.randn(2, 8, generator=g)}, {"num_classes": 20})
     label = labels_of(1, 3)
     keys = torch.nonzero(label)[:, 0]
+    views = [torch.randn(2, 3, s, s, generator=g) for s in (40, 24)]
     with torch.no_grad():
-        feats = [amn.amn_features(model, torch.randn(2, 3, s, s, generator=g), label) for s in (40, 24)]
+        feats = [amn.amn_features(model, x, label) for x in views]
     size = (37, 40)
-    rec = amn.amn_lpcam_record(feats, bank, keys, size)
+    item = {"img": views, "size": size, "label": label}
+
+    def record(background="one_minus_max", item=item):
+        with torch.no_grad():
+            return stage_b(amn, model, background=background).lpcam(item, bank)
+
+    rec = record()
     core = lpcam_multiscale(feats, bank, keys, size)
     assert rec["keys"].dtype == torch.int64 and rec["keys"].tolist() == [1, 3]
     assert isinstance(rec["cam"], torch.Tensor) and rec["cam"].shape == (3, 10, 10)
@@ -316,9 +348,9 @@ def test_record_is_the_core_map_behind_a_placeholder_background(amn):
     assert torch.equal(rec["cam"][1:], core["cam"])
     assert np.array_equal(rec["high_res"][1:], core["high_res"])
     torch.testing.assert_close(rec["cam"][0], 1 - core["cam"].amax(0))
-    zeros = amn.amn_lpcam_record(feats, bank, keys, size, background="zeros")
+    zeros = record("zeros")
     assert not zeros["high_res"][0].any()
-    empty = amn.amn_lpcam_record(feats, bank, torch.zeros(0, dtype=torch.int64), size)
+    empty = record(item={**item, "label": torch.zeros(20)})
     assert empty["high_res"].shape == (1, 37, 40) and (empty["high_res"][0] == 1).all()
 
 
@@ -336,8 +368,14 @@ def test_baseline_worker_follows_amns_rules(amn, tmp_path):
     g = torch.Generator().manual_seed(0)
     scales = [torch.randn(2, 3, 30, 44, generator=g), torch.randn(2, 3, 15, 22, generator=g)]
     item = {"name": "2099_000001", "img": [s.numpy() for s in scales], "size": size, "label": labels_of(2, 5)}
+    host = stage_b(amn, model, tmp_path / "ir")
+
+    def write(items):
+        data = base.Datasets(maps=items, map_ids=[it["name"] for it in items])
+        base.write_baseline(host, data, str(tmp_path / "out"), mode="overwrite")
+
     for _ in range(2):
-        amn.amn_baseline_pass(model, [item], tmp_path / "out", tmp_path / "ir")
+        write([item])
         rec = load_irn_cam(tmp_path / "out" / "2099_000001.npy")
         if _ == 0:
             first = rec
@@ -354,32 +392,36 @@ def test_baseline_worker_follows_amns_rules(amn, tmp_path):
         lo, hi = prob[c].min(), prob[c].max()
         np.testing.assert_allclose(rec["high_res"][c][fg], (prob[c][fg] - lo) / (hi - lo + 1e-5), rtol=1e-4, atol=1e-5)
     with pytest.raises(FileNotFoundError, match="cam_to_ir_label"):
-        amn.amn_baseline_pass(model, [dict(item, name="2099_000002")], tmp_path / "out", tmp_path / "ir")
+        write([dict(item, name="2099_000002")])
 
 
 # --------------------------------------------------------------------------- settings
 
 
+def choices_of(s):
+    return tuple(s.option(k) for k in ("features", "classifier", "softmax", "split", "background"))
+
+
 def test_settings_defaults(amn):
-    s = amn.amn_settings_from_env({})
-    assert (s.features, s.classifier, s.softmax, s.split, s.background) == (
-        "conditioned", "all_taps", 20, "amn_cam", "one_minus_max")
-    assert s.stages == ("a", "b") and s.enabled_a and s.enabled_b
-    assert s.base.lpcam == LPCAMConfig.preset("voc")
+    s = settings_of(amn, {})
+    assert choices_of(s) == ("conditioned", "all_taps", 20, "amn_cam", "one_minus_max")
+    assert s.option("stages") == ("a", "b") and s.enabled
+    assert s.lpcam == LPCAMConfig.preset("voc")
 
 
 def test_settings_from_variables(amn):
-    s = amn.amn_settings_from_env({
+    s = settings_of(amn, {
         "LPCAM_AMN_FEATURES": "Raw", "LPCAM_AMN_CLASSIFIER": "center", "LPCAM_AMN_SOFTMAX": "21",
         "LPCAM_AMN_SPLIT": "ir_label", "LPCAM_AMN_BACKGROUND": "zeros", "LPCAM_AMN_STAGES": "b",
         "LPCAM_AMN_BANK": "/x/bank.pt", "LPCAM_K": "5",
     })
-    assert (s.features, s.classifier, s.softmax, s.split, s.background) == ("raw", "centre", 21, "ir_label", "zeros")
-    assert s.stages == ("b",) and not s.enabled_a and s.enabled_b
-    assert s.bank_path == "/x/bank.pt" and s.base.lpcam.num_clusters == 5
-    assert amn.amn_settings_from_env({"LPCAM_AMN_STAGES": "none"}).stages == ()
-    assert amn.amn_settings_from_env({"LPCAM_AMN_STAGES": "ab"}).stages == ("a", "b")
-    assert not amn.amn_settings_from_env({"LPCAM": "0"}).enabled_b
+    assert choices_of(s) == ("raw", "centre", 21, "ir_label", "zeros")
+    assert s.option("stages") == ("b",)
+    assert s.option("bank_path") == "/x/bank.pt" and s.lpcam.num_clusters == 5
+    assert settings_of(amn, {"LPCAM_AMN_STAGES": "none"}).option("stages") == ()
+    assert settings_of(amn, {"LPCAM_AMN_STAGES": ""}).option("stages") == ()
+    assert settings_of(amn, {"LPCAM_AMN_STAGES": "ab"}).option("stages") == ("a", "b")
+    assert not settings_of(amn, {"LPCAM": "0"}).enabled
 
 
 @pytest.mark.parametrize(
@@ -389,23 +431,24 @@ def test_settings_from_variables(amn):
      ({"LPCAM_AMN_STAGES": "c"}, "stages"), ({"LPCAM_AMN_BACKGROUND": "nan"}, "background")],
 )
 def test_bad_settings_name_the_setting(amn, env, match):
-    with pytest.raises(ValueError, match=match):
-        amn.amn_settings_from_env(env)
+    with pytest.raises(ValueError, match=f"LPCAM_AMN_{match.upper()}="):  # names the variable
+        settings_of(amn, env)
 
 
 def test_yaml_amn_section(amn, tmp_path):
     path = tmp_path / "lpcam.yaml"
     path.write_text("preset: voc\nnum_clusters: 7\nadapter:\n  workers: 0\namn:\n  softmax: 21\n  split: ir_label\n")
-    s = amn.amn_settings_from_env({"LPCAM_CONFIG": str(path)})
-    assert s.softmax == 21 and s.split == "ir_label" and s.base.lpcam.num_clusters == 7 and s.base.workers == 0
-    s = amn.amn_settings_from_env({"LPCAM_CONFIG": str(path), "LPCAM_AMN_SOFTMAX": "20"})
-    assert s.softmax == 20  # variables override the file
+    s = settings_of(amn, {"LPCAM_CONFIG": str(path)})
+    assert s.option("softmax") == 21 and s.option("split") == "ir_label" and s.lpcam.num_clusters == 7
+    assert s.workers == 0
+    s = settings_of(amn, {"LPCAM_CONFIG": str(path), "LPCAM_AMN_SOFTMAX": "20"})
+    assert s.option("softmax") == 20  # variables override the file
     path.write_text("amn:\n  colour: red\n")
     with pytest.raises(ValueError, match="colour"):
-        amn.amn_settings_from_env({"LPCAM_CONFIG": str(path)})
+        settings_of(amn, {"LPCAM_CONFIG": str(path)})
     path.write_text("amn:\n  softmax: 21\nbogus: 1\n")
     with pytest.raises(ValueError, match=str(path)):  # the user's file is named, not a temporary copy
-        amn.amn_settings_from_env({"LPCAM_CONFIG": str(path)})
+        settings_of(amn, {"LPCAM_CONFIG": str(path)})
     assert not [p for p in os.listdir(tmp_path) if p != "lpcam.yaml"]
 
 
@@ -413,14 +456,14 @@ def test_yaml_amn_section(amn, tmp_path):
 
 
 def test_install_registers_both_stages(amn):
-    with _hooks.scoped():
+    with hooks.scoped():
         amn.install()
         amn.install()  # idempotent
-        rows = {(p.module, p.name): p for p in _hooks.describe_patches("step.")}
+        rows = {(p.module, p.name): p for p in hooks.describe_patches("step.")}
         assert ("step.make_cam", "run") in rows and ("step.make_amn_cam", "run") in rows
         assert rows[("step.make_amn_cam", "run")].status == "pending"
         assert rows[("step.make_cam", "run")].owner == "lpcam_adapters.amn"
-        text = amn.explain()
+        text = cli.explain_text(amn.INFO)
         assert "step.make_amn_cam:run" in text and "LPCAM_AMN_SOFTMAX" in text
 
 
@@ -429,18 +472,18 @@ def test_stage_b_patch_replaces_run_of_a_stand_in_module(amn, monkeypatch):
     import types
 
     calls = []
-    with _hooks.scoped():
+    with hooks.scoped():
         amn.install()
         module = types.ModuleType("step.make_amn_cam")
         module._work = lambda *a: None
         module.run = lambda args: calls.append("host")
         monkeypatch.setitem(sys.modules, "step.make_amn_cam", module)
-        _hooks.apply_patches(module)
-        assert _hooks.original(module.run) is not module.run
+        hooks.apply_patches(module)
+        assert hooks.original(module.run) is not module.run
         monkeypatch.setattr(amn, "make_amn_cam_pass", lambda args, original: calls.append(("lpcam", original)))
         module.run("args")
         assert calls and calls[0][0] == "lpcam"
-        _hooks.unregister_patch("step.make_amn_cam", "run")
+        hooks.unregister_patch("step.make_amn_cam", "run")
         module.run("args")
         assert calls[-1] == "host"  # unregistering restores AMN's own run
 
@@ -459,9 +502,8 @@ def test_class_absent_from_every_ir_label_gets_no_prototype(amn, tmp_path, caplo
         Image.fromarray(values[rng.integers(0, len(values), (48, 48))]).save(png_dir / f"{item['name']}.png")
     cfg = LPCAMConfig.preset("voc", num_clusters=2)
     for features in ("raw", "conditioned"):
-        settings = amn.AMNSettings(base=amn._irn_family.AdapterSettings(lpcam=cfg), features=features, split="ir_label")
         with caplog.at_level(logging.WARNING):
-            bank = amn.build_amn_bank(model, dataset, settings, baseline_dir=None, ir_label_dir=png_dir, device="cpu")
+            bank = build(amn, model, dataset, cfg, None, png_dir, features=features, split="ir_label")
         assert bank.classes == [0, 1, 2]
     assert "class 3" in caplog.text
 
@@ -469,55 +511,53 @@ def test_class_absent_from_every_ir_label_gets_no_prototype(amn, tmp_path, caplo
 # --------------------------------------------------------------------------- CLI and patch
 
 
-def test_patch_applies_once_and_reverts(tmp_path):
-    from lpcam_adapters import _cli_amn
+def amn_checkout(root, text):
+    for rel, marker in {**irn_family.SIGNATURE, "step/make_amn_cam.py": "def _work"}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(f"{marker}(x):\n    pass\n")
+    (root / "run_sample.py").write_text(text)
+    return root / "run_sample.py"
 
-    script = tmp_path / "run_sample.py"
+
+def test_patch_applies_once_and_reverts(amn, tmp_path):
     original = "import argparse\nimport os\n\nfrom misc import pyutils\n"
-    script.write_text(original)
-    assert _cli_amn.apply_amn_patch(tmp_path, check=True) == "would be applied"
+    script = amn_checkout(tmp_path, original)
+    assert cli.patch_entry_script(tmp_path, amn.INFO, check=True) == "would be applied"
     assert script.read_text() == original
-    assert _cli_amn.apply_amn_patch(tmp_path) == "applied"
+    assert cli.patch_entry_script(tmp_path, amn.INFO) == "applied"
     assert script.read_text().splitlines()[0].startswith("import lpcam_adapters.amn")
-    assert _cli_amn.apply_amn_patch(tmp_path) == "already applied"
-    assert _cli_amn.apply_amn_patch(tmp_path, revert=True) == "reverted"
+    assert cli.patch_entry_script(tmp_path, amn.INFO) == "already applied"
+    assert cli.patch_entry_script(tmp_path, amn.INFO, revert=True) == "reverted"
     assert script.read_text() == original
-    assert _cli_amn.apply_amn_patch(tmp_path, revert=True) == "not applied"
+    assert cli.patch_entry_script(tmp_path, amn.INFO, revert=True) == "not applied"
     script.write_text("print('something else')\n")
     with pytest.raises(ValueError, match="lpcam_adapters.amn"):
-        _cli_amn.apply_amn_patch(tmp_path)
+        cli.patch_entry_script(tmp_path, amn.INFO)
     with pytest.raises(FileNotFoundError, match="AMN"):
-        _cli_amn.apply_amn_patch(tmp_path / "missing")
+        cli.patch_entry_script(tmp_path / "missing", amn.INFO)
 
 
-def test_patch_adds_only_the_import_line():
-    from lpcam_adapters import _cli_amn
-
-    added = [line for line in _cli_amn.patch_text().splitlines() if line.startswith("+") and not line.startswith("+++")]
+def test_patch_adds_only_the_import_line(amn):
+    added = [line for line in cli.patch_text(amn.INFO).splitlines() if line.startswith("+") and not line.startswith("+++")]
     assert len(added) == 1 and added[0].startswith("+import lpcam_adapters.amn")
 
 
 def test_cli_commands_parse(amn, capsys):
     import argparse
 
-    from lpcam_adapters import _cli_amn
-
     parser = argparse.ArgumentParser(prog="lpcam")
     sub = parser.add_subparsers(dest="command")
-    _cli_amn.register(sub)
+    amn.register(sub)
     ns = parser.parse_args(["amn", "prototypes", "--host", "H", "--voc12-root", "V", "--weights", "W",
                             "--bank", "B", "--ir-label-dir", "I", "--softmax", "21", "--split", "ir_label"])
-    assert ns.func.__name__ == "_cmd_prototypes" and ns.softmax == 21 and ns.list == "voc12/train.txt"
-    settings = _cli_amn._settings(argparse.Namespace(config=None, workers=0, device="cpu", rebuild=True, features=None,
-                                                     classifier="centre", softmax=21, split=None, background=None))
-    assert settings.softmax == 21 and settings.classifier == "centre" and settings.base.rebuild_bank
-    assert settings.base.enabled and settings.base.workers == 0
+    assert ns.func.__name__ == "cmd_prototypes" and ns.opt_softmax == 21 and ns.list == "voc12/train.txt"
+    ns = parser.parse_args(["amn", "prototypes", "--host", "H", "--voc12-root", "V", "--weights", "W", "--bank", "B",
+                            "--workers", "0", "--device", "cpu", "--rebuild", "--classifier", "centre", "--softmax", "21"])
+    settings = irn_family.cli_settings(ns, amn.INFO)
+    assert settings.option("softmax") == 21 and settings.option("classifier") == "centre" and settings.rebuild_bank
+    assert settings.enabled and settings.workers == 0
     ns = parser.parse_args(["amn", "make", "--host", "H", "--voc12-root", "V", "--weights", "W", "--out", "O"])
     with pytest.raises(ValueError, match="--bank"):
-        ns.func(ns)
-    ns = parser.parse_args(["amn", "make", "--host", "H", "--voc12-root", "V", "--weights", "W", "--out", "O",
-                            "--baseline"])
-    with pytest.raises(ValueError, match="--ir-label-dir"):
         ns.func(ns)
     ns = parser.parse_args(["amn", "--explain"])
     assert ns.func(ns) == 0

@@ -17,10 +17,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lpcam_adapters import _hooks
+from lpcam_adapters import cli, hooks
 from lpcam_adapters import mctformer as mct
+from lpcam_adapters.settings import HostSettings
 from lpcam_core import LPCAMConfig, PrototypeBank, lpcam_map
-from lpcam_core.io import load_mctformer_cam
+from lpcam_core.formats import load_mctformer_cam
+
+
+def _host_settings(lpcam=None, **kw):
+    """MCTformer's settings: ``build``/``head``/``flip`` go to the options, the rest to the common fields."""
+    names = {o.name for o in mct.OPTIONS}
+    opts = {**{o.name: o.default for o in mct.OPTIONS}, **{k: v for k, v in kw.items() if k in names}}
+    common = {k: v for k, v in kw.items() if k not in names}
+    return HostSettings(lpcam=lpcam or mct.settings_for().lpcam, options=opts, **common)
 
 NUM_CLASSES, DIM = 4, 8
 
@@ -89,11 +98,11 @@ class MCTformerV1(nn.Module):
 @pytest.fixture
 def models():
     """A stand-in ``models`` module patched by the adapter's registered patches (undone after)."""
-    with _hooks.scoped():
+    with hooks.scoped():
         mct.install()
         module = types.ModuleType("models")
         exec(compile(STAND_IN_MODELS, "<stand-in models>", "exec"), module.__dict__)
-        _hooks.apply_patches(module)
+        hooks.apply_patches(module)
         yield module
 
 
@@ -117,33 +126,33 @@ def _tokens(model, x):
 
 
 def test_settings_defaults_and_env(tmp_path):
-    s = mct.settings_from_env({})
-    assert s.enabled and s.head == "sum" and s.flip == "view" and s.build == "auto"
+    s = mct.settings_for(None, {})
+    assert s.enabled and (s.option("head"), s.option("flip"), s.option("build")) == ("sum", "view", "auto")
     assert s.lpcam.fg_threshold == mct.DEFAULT_TAU and s.lpcam.num_clusters == 12
-    assert mct.settings_from_env({}, data_set="COCOMS").lpcam.num_clusters == 20
-    s = mct.settings_from_env({"LPCAM": "0", "LPCAM_TAU": "0.3", "LPCAM_K": "5", "LPCAM_MU": "0.8",
-                               "LPCAM_HEAD": "center", "LPCAM_FLIP": "feature", "LPCAM_BANK": "b.pt"})
+    assert mct.settings_for(types.SimpleNamespace(data_set="COCOMS"), {}).lpcam.num_clusters == 20
+    s = mct.settings_for(None, {"LPCAM": "0", "LPCAM_TAU": "0.3", "LPCAM_K": "5", "LPCAM_MU": "0.8",
+                                "LPCAM_HEAD": "center", "LPCAM_FLIP": "feature", "LPCAM_BANK": "b.pt"})
     assert not s.enabled and s.lpcam.fg_threshold == 0.3 and s.lpcam.num_clusters == 5
     assert s.lpcam.class_threshold == s.lpcam.context_high == 0.8
-    assert (s.head, s.flip, s.bank_path) == ("centre", "feature", "b.pt")
+    assert (s.option("head"), s.option("flip"), s.bank_path) == ("centre", "feature", "b.pt")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("num_clusters: 7\nadapter:\n  flip: feature\n  build: never\n")
-    s = mct.settings_from_env({"LPCAM_CONFIG": str(cfg)})
-    assert s.lpcam.num_clusters == 7 and s.flip == "feature" and s.build == "never"
+    s = mct.settings_for(None, {"LPCAM_CONFIG": str(cfg)})
+    assert s.lpcam.num_clusters == 7 and s.option("flip") == "feature" and s.option("build") == "never"
 
 
-@pytest.mark.parametrize("env, match", [({"LPCAM_TAU": "x"}, "LPCAM_TAU"), ({"LPCAM_FLIP": "both"}, "flip"),
-                                        ({"LPCAM_HEAD": "mean"}, "head"), ({"LPCAM": "maybe"}, "LPCAM")])
+@pytest.mark.parametrize("env, match", [({"LPCAM_TAU": "x"}, "LPCAM_TAU"), ({"LPCAM_FLIP": "both"}, "LPCAM_FLIP"),
+                                        ({"LPCAM_HEAD": "mean"}, "LPCAM_HEAD"), ({"LPCAM": "maybe"}, "LPCAM")])
 def test_settings_errors_name_the_setting(env, match):
     with pytest.raises(ValueError, match=match):
-        mct.settings_from_env(env)
+        mct.settings_for(None, env)
 
 
 def test_settings_yaml_unknown_adapter_key(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("adapter:\n  flipp: view\n")
     with pytest.raises(ValueError, match="flipp"):
-        mct.settings_from_env({"LPCAM_CONFIG": str(cfg)})
+        mct.settings_for(None, {"LPCAM_CONFIG": str(cfg)})
 
 
 # --------------------------------------------------------------------------- model access
@@ -154,13 +163,13 @@ def test_v1_is_refused_with_reason(models):
     with pytest.raises(mct.UnsupportedModelError, match="patch classifier"):
         mct.host_kind(v1)
     with pytest.raises(mct.UnsupportedModelError, match="LPCAM=0"):
-        mct.generate(lambda *a: None, [], v1, "cpu", types.SimpleNamespace(), mct.MCTformerSettings())
+        mct.generate(lambda *a: None, [], v1, "cpu", types.SimpleNamespace(), _host_settings())
 
 
 def test_v1_refused_only_when_lpcam_on(models):
     called = []
     mct.generate(lambda *a: called.append(a), [], models.MCTformerV1(), "cpu", types.SimpleNamespace(),
-                 mct.MCTformerSettings(enabled=False))
+                 _host_settings(enabled=False))
     assert len(called) == 1
 
 
@@ -279,24 +288,24 @@ def test_plus_cuda_call_follows_the_input_device(models):
 
 
 def test_patches_are_listed_and_undone():
-    with _hooks.scoped():
+    with hooks.scoped():
         mct.install()
         module = types.ModuleType("models")
         exec(compile(STAND_IN_MODELS, "<stand-in models>", "exec"), module.__dict__)
         original = module.MCTformerV2.forward
-        _hooks.apply_patches(module)
+        hooks.apply_patches(module)
         assert module.MCTformerV2.forward is not original and module.F is not F
-        text = mct.explain()
+        text = cli.explain_text(mct.INFO)
         assert "lpcam_swap" in text and "LPCAM_FLIP" in text
     assert module.MCTformerV2.forward is original and module.F is F and module.torch is torch
 
 
 def test_foreign_models_module_is_left_alone():
-    with _hooks.scoped():
+    with hooks.scoped():
         mct.install()
         module = types.ModuleType("models")
         exec("import torch.nn.functional as F\nclass Net: pass\n", module.__dict__)
-        _hooks.apply_patches(module)
+        hooks.apply_patches(module)
         assert module.F is F
 
 
@@ -414,7 +423,7 @@ def host_run(tmp_path, models):
 
 
 def _settings(**kw):
-    return mct.MCTformerSettings(lpcam=LPCAMConfig.preset("voc", num_clusters=2, fg_threshold=0.3, class_threshold=0.0,
+    return _host_settings(lpcam=LPCAMConfig.preset("voc", num_clusters=2, fg_threshold=0.3, class_threshold=0.0,
                                                          context_low=0.0, context_high=1.0), **kw)
 
 
@@ -431,7 +440,7 @@ def test_generate_builds_bank_then_swaps(host_run):
     lp = {i: load_mctformer_cam(run.tmp / "out" / f"{i}.npy") for i in run.ids}
     # baseline maps are the stand-in engine's own, unswapped
     os.rename(run.tmp / "out", run.tmp / "lp")
-    mct.generate(_stand_in_engine, run.loader(), run.model, "cpu", run.args, mct.MCTformerSettings(enabled=False))
+    mct.generate(_stand_in_engine, run.loader(), run.model, "cpu", run.args, _host_settings(enabled=False))
     for i in run.ids[:4]:
         base, own = load_mctformer_cam(baseline / f"{i}.npy"), load_mctformer_cam(run.tmp / "out" / f"{i}.npy")
         assert all(np.array_equal(base[k], own[k]) for k in own)
@@ -444,7 +453,7 @@ def test_generate_reuses_a_matching_bank_and_rebuilds_otherwise(host_run, caplog
     run = host_run
     mct.generate(_stand_in_engine, run.loader(), run.model, "cpu", run.args, _settings())
     stamp = os.stat(run.tmp / "ckpt.lpcam_bank.pt").st_mtime_ns
-    caplog.set_level("INFO", logger="lpcam_adapters.mctformer")
+    caplog.set_level("INFO")
     mct.generate(_stand_in_engine, run.loader(), run.model, "cpu", run.args, _settings())
     assert os.stat(run.tmp / "ckpt.lpcam_bank.pt").st_mtime_ns == stamp
     assert "using the prototype bank" in caplog.text
@@ -468,7 +477,7 @@ def test_bank_building_is_bounded_by_the_memory_budget(host_run):
     run = host_run
     cfg = LPCAMConfig.preset("voc", num_clusters=2, fg_threshold=0.3, class_threshold=0.0, context_low=0.0,
                              context_high=1.0, memory_budget_bytes=64 * DIM * 4)
-    mct.ensure_bank(_stand_in_engine, run.model, "cpu", run.args, mct.MCTformerSettings(lpcam=cfg))
+    mct.ensure_bank(_stand_in_engine, run.model, "cpu", run.args, _host_settings(lpcam=cfg))
     bank = PrototypeBank.load(run.tmp / "ckpt.lpcam_bank.pt")
     assert bank.meta["pool_peak_bytes"] <= 64 * DIM * 4 + 4 * DIM * 4 * 12  # budget plus one image's rows
     seen, held = bank.meta["features_seen"], bank.meta["features_clustered"]
@@ -485,32 +494,34 @@ def test_baseline_dir_must_differ_from_output(host_run):
 
 
 def test_patch_applies_checks_and_reverts(tmp_path):
-    from lpcam_adapters._cli_mctformer import apply_patch, patch_text
-
-    assert "+import lpcam_adapters.mctformer" in patch_text()
+    assert "+import lpcam_adapters.mctformer" in cli.patch_text(mct.INFO)
     main = tmp_path / "main.py"
     text = "import argparse\nimport datetime\nimport time\nimport torch\n"
     main.write_text(text)
-    assert apply_patch(tmp_path, check=True) == "would be applied" and main.read_text() == text
-    assert apply_patch(tmp_path) == "applied"
+    (tmp_path / "engine.py").write_text("def generate_attention_maps_ms(data_loader, model, device, args):\n    pass\n")
+    (tmp_path / "models.py").write_text("class MCTformerV2:\n    pass\n")
+
+    def patch(**kw):
+        return cli.patch_entry_script(tmp_path, mct.INFO, **kw)
+
+    assert patch(check=True) == "would be applied" and main.read_text() == text
+    assert patch() == "applied"
     assert main.read_text().splitlines()[0].startswith("import lpcam_adapters.mctformer")
-    assert apply_patch(tmp_path) == "already applied"
-    assert apply_patch(tmp_path, revert=True) == "reverted" and main.read_text() == text
-    assert apply_patch(tmp_path, revert=True) == "not applied"
+    assert patch() == "already applied"
+    assert patch(revert=True) == "reverted" and main.read_text() == text
+    assert patch(revert=True) == "not applied"
     main.write_text("import os\n")
-    with pytest.raises(ValueError, match="first line"):
-        apply_patch(tmp_path)
-    with pytest.raises(FileNotFoundError, match="MCTformer checkout"):
-        apply_patch(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="no line 'import argparse'"):
+        patch()
+    with pytest.raises(FileNotFoundError, match="MCTformer"):
+        cli.patch_entry_script(tmp_path / "nowhere", mct.INFO)
 
 
 def test_cli_parses_steps_into_settings(monkeypatch):
     import argparse
 
-    from lpcam_adapters import _cli_mctformer as cli
-
     parser = argparse.ArgumentParser(prog="lpcam")
-    cli.register(parser.add_subparsers(dest="command"))
+    mct.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["mctformer", "make", "--host", "H", "--tau", "0.2", "--flip", "feature", "--head", "centre",
                               "--", "--model", "m", "--resume", "c.pth"])
     calls = []
@@ -545,7 +556,7 @@ def test_run_host_main_restores_argv_path_and_env(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(out))
     monkeypatch.delenv("LPCAM_TAU", raising=False)
     argv, path = list(sys.argv), list(sys.path)
-    with _hooks.scoped():
+    with hooks.scoped():
         mct.run_host_main(tmp_path, ["--a", "1"], environ={"LPCAM_TAU": "0.2"})
     assert out.read_text() == "--a 1|0.2"
     assert sys.argv == argv and sys.path == path and "LPCAM_TAU" not in os.environ
@@ -557,7 +568,7 @@ def test_coco_style_sampling_feeds_only_the_drawn_class(host_run):
     run = host_run
     cfg = LPCAMConfig.preset("coco", num_clusters=2, fg_threshold=0.3, class_threshold=0.0, context_low=0.0,
                              context_high=1.0, images_per_class=2)
-    settings = mct.MCTformerSettings(lpcam=cfg)
+    settings = _host_settings(lpcam=cfg)
     picks = mct.prototype_picks(run.args, run.ids[:4], settings, NUM_CLASSES)
     assert len(picks) == 2 * NUM_CLASSES and all(c is not None for c, _ in picks)
     assert picks == mct.prototype_picks(run.args, run.ids[:4], settings, NUM_CLASSES)  # seeded

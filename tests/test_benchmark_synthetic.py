@@ -18,7 +18,7 @@ def test_options_become_settings():
                              "--pool-cam-scales", "1", "0.5", "--scales", "1", "2"])
     settings = bench.demo_settings(0, **bench.overrides_from_args(args))
     assert settings.data.num_classes == 4
-    assert (settings.fg_threshold, settings.num_clusters, settings.context_high) == (0.2, 8, 0.5)
+    assert (settings.lpcam.fg_threshold, settings.lpcam.num_clusters, settings.lpcam.context_high) == (0.2, 8, 0.5)
     assert settings.pool_cam_scales == (1.0, 0.5) and settings.scales == (1.0, 2.0)
     # Without --pool-cam-scales the pools follow the inference scales.
     default = bench.demo_settings(0, **bench.overrides_from_args(bench.parse_args(["--scales", "1", "2"])))
@@ -32,7 +32,7 @@ def test_json_holds_the_three_rows_the_settings_and_every_seed(tmp_path, capsys)
     for key in ("cam", "lpcam_no_context", "lpcam"):
         for score in ("miou", "precision", "recall", "threshold"):
             assert isinstance(payload[key][score], float), (key, score)
-    assert payload["settings"]["seeds"] == [0, 1] and payload["settings"]["num_clusters"] == 3
+    assert payload["settings"]["seeds"] == [0, 1] and payload["settings"]["lpcam"]["num_clusters"] == 3
     assert [run["settings"]["seed"] for run in payload["runs"]] == [0, 1]
     for run in payload["runs"]:
         gain = run["gain_interval"]["miou"]

@@ -9,7 +9,7 @@ from PIL import Image
 
 from lpcam_core import PrototypeBank
 from lpcam_core.cli import main
-from lpcam_core.io import save_irn_cam
+from lpcam_core.formats import save_irn_cam
 
 
 def _palette_png(path, labels: np.ndarray) -> None:

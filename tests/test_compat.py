@@ -1,4 +1,4 @@
-"""Modern-stack shims of lpcam_adapters._compat, against stand-in host modules (no real host)."""
+"""Modern-stack shims of lpcam_adapters.compat, against stand-in host modules (no real host)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from lpcam_adapters import _compat, _hooks
+from lpcam_adapters import compat, hooks
 
 
 @pytest.fixture(autouse=True)
 def isolated_hooks():
-    with _hooks.scoped():
+    with hooks.scoped():
         yield
 
 
@@ -62,24 +62,24 @@ def fake_irn(tmp_path, monkeypatch):
 def test_load_img_name_list_parses_voc_ids(tmp_path):
     lst = tmp_path / "train.txt"
     lst.write_text("2007_000032\n\n2012_004331\n")
-    ids = _compat.load_img_name_list(lst)
+    ids = compat.load_img_name_list(lst)
     assert ids.dtype == np.int32 and ids.tolist() == [2007000032, 2012004331]
     # numpy < 1.23 parsed with int(): same values.
     assert ids.tolist() == [int("2007_000032"), int("2012_004331")]
     lst.write_text("2007_000032\n")
-    assert _compat.load_img_name_list(lst).shape == (1,)  # np.loadtxt gave a 0-d array here
+    assert compat.load_img_name_list(lst).shape == (1,)  # np.loadtxt gave a 0-d array here
     lst.write_text("2007_000032 2007_000033\n2007_000039 2007_000040\n")
-    assert _compat.load_img_name_list(lst).shape == (2, 2)
+    assert compat.load_img_name_list(lst).shape == (2, 2)
     lst.write_text("2007_000032\nnot_an_id\n")
     with pytest.raises(ValueError, match=r"train.txt:2: 'not_an_id'"):
-        _compat.load_img_name_list(lst)
+        compat.load_img_name_list(lst)
     with pytest.raises(FileNotFoundError):
-        _compat.load_img_name_list(tmp_path / "missing.txt")
+        compat.load_img_name_list(tmp_path / "missing.txt")
 
 
 def test_dataloader_patches(fake_irn):
     (fake_irn / "ids.txt").write_text("2007_000032\n2007_000039\n")
-    _compat.register_irn_family()
+    compat.register_irn_family()
     loader = importlib.import_module("voc12.dataloader")
     ids = loader.load_img_name_list("ids.txt")
     assert [loader.decode_int_filename(i) for i in ids] == ["2007_000032", "2007_000039"]
@@ -87,27 +87,27 @@ def test_dataloader_patches(fake_irn):
     assert loader.decode_int_filename("img_7") == "img_7"  # strings pass through
     assert loader.single_obj_len(np.ones(3)) == 3  # np.int inside the host module
     assert not hasattr(np, "int"), "numpy itself must stay unchanged"
-    assert set(_hooks.applied_patches(loader)) == {"load_img_name_list", "decode_int_filename", "np"}
+    assert set(hooks.applied_patches(loader)) == {"load_img_name_list", "decode_int_filename", "np"}
 
 
 def test_numpy_aliases_during_module_execution(fake_irn):
-    _compat.register_irn_family()
+    compat.register_irn_family()
     pyutils = importlib.import_module("misc.pyutils")  # default argument np.int evaluated at import
     assert pyutils.to_one_hot(None) is int
     assert "int" not in vars(np)
-    alias = _compat.numpy_with_aliases()
+    alias = compat.numpy_with_aliases()
     assert alias.int is int and alias.zeros is np.zeros and alias.bool is np.bool
 
 
 def test_resnet50_skips_download_when_checkpoint_follows(fake_irn, monkeypatch):
-    monkeypatch.delenv(_compat.ENV_NO_PRETRAINED, raising=False)
-    _compat.register_irn_family()
+    monkeypatch.delenv(compat.ENV_NO_PRETRAINED, raising=False)
+    compat.register_irn_family()
     resnet = importlib.import_module("net.resnet50")
     assert resnet.resnet50(pretrained=True, strides=(2, 2, 2, 1)) is True
-    with _compat.checkpoint_follows():
+    with compat.checkpoint_follows():
         assert resnet.resnet50(pretrained=True, strides=(2, 2, 2, 1)) is False
     assert resnet.CALLS[-1] == (False, {"strides": (2, 2, 2, 1)})
-    monkeypatch.setenv(_compat.ENV_NO_PRETRAINED, "1")
+    monkeypatch.setenv(compat.ENV_NO_PRETRAINED, "1")
     assert resnet.resnet50() is False
 
 
@@ -119,7 +119,7 @@ def test_torch_proxy_defaults_map_location_to_cpu(tmp_path, monkeypatch):
         return "loaded"
 
     monkeypatch.setattr(torch, "load", fake_load)
-    proxy = _compat.torch_with_cpu_load()
+    proxy = compat.torch_with_cpu_load()
     assert proxy.load("x") == "loaded" and seen["map_location"] == "cpu"
     proxy.load("x", map_location="cuda:1")
     assert seen["map_location"] == "cuda:1"
@@ -165,13 +165,12 @@ def test_chainercv_stand_in(tmp_path):
     labels = [rng.integers(0, 4, (6, 7)) for _ in range(3)]
     labels[0][0, :3] = 255
     ids = _write_voc(tmp_path, labels)
-    _compat.register_irn_family()
+    compat.register_irn_family()
     if importlib.util.find_spec("chainercv") is not None and not getattr(sys.modules.get("chainercv"), "__lpcam_fallback__", True):
         pytest.skip("the real chainercv is installed: the stand-in is not used")
+    import chainercv
     from chainercv.datasets import VOCSemanticSegmentationDataset
     from chainercv.evaluations import calc_semantic_segmentation_confusion
-
-    import chainercv
 
     assert chainercv.__lpcam_fallback__ and chainercv.evaluations.calc_semantic_segmentation_confusion is calc_semantic_segmentation_confusion
     dataset = VOCSemanticSegmentationDataset(split="train", data_dir=str(tmp_path))
@@ -191,16 +190,16 @@ def test_chainercv_stand_in(tmp_path):
 
 def test_pydensecrf_stand_in_fails_only_when_used():
     module = types.ModuleType("pydensecrf.densecrf")
-    _compat._pydensecrf_sub("densecrf")(module)
+    compat._pydensecrf_sub("densecrf")(module)
     crf = module.DenseCRF2D  # attribute access works (the host imports at module level)
     with pytest.raises(ImportError, match="pip install pydensecrf2"):
         crf(10, 10, 2)
 
 
 def test_register_is_idempotent_and_explained():
-    _compat.register_irn_family()
-    _compat.register_irn_family()
-    names = {(p.module, p.name) for p in _hooks.describe_patches()}
+    compat.register_irn_family()
+    compat.register_irn_family()
+    names = {(p.module, p.name) for p in hooks.describe_patches()}
     for expected in [
         ("voc12.dataloader", "load_img_name_list"),
         ("voc12.dataloader", "decode_int_filename"),
@@ -217,14 +216,14 @@ def test_coerce_args_turns_untyped_flags_into_numbers():
     from argparse import Namespace
 
     args = Namespace(sem_seg_bg_thres="0.35", exp_times="8", beta=10, cam_scales="(1.0, 0.5, 1.5, 2)")
-    assert _compat.coerce_args(args) is args
+    assert compat.coerce_args(args) is args
     assert (args.sem_seg_bg_thres, args.exp_times, args.beta, args.cam_scales) == (0.35, 8, 10, (1.0, 0.5, 1.5, 2.0))
     args = Namespace(cam_scales=(1.0,), sem_seg_bg_thres=0.25)
-    assert _compat.coerce_args(args).cam_scales == (1.0,)
+    assert compat.coerce_args(args).cam_scales == (1.0,)
     with pytest.raises(ValueError, match="--sem_seg_bg_thres='x'"):
-        _compat.coerce_args(Namespace(sem_seg_bg_thres="x"))
+        compat.coerce_args(Namespace(sem_seg_bg_thres="x"))
     with pytest.raises(ValueError, match="--cam_scales"):
-        _compat.coerce_args(Namespace(cam_scales="big"))
+        compat.coerce_args(Namespace(cam_scales="big"))
 
 
 def test_asarray_collated_gives_slice_bounds_numpy2_accepts():
@@ -237,16 +236,16 @@ def test_asarray_collated_gives_slice_bounds_numpy2_accepts():
     x = torch.zeros(3, 9, 9)
     with pytest.raises(TypeError, match="scalar index"):
         x[..., 0, :raw[0], :raw[1]]  # ... which are not slice bounds (step.make_sem_seg_labels)
-    fixed = _compat.asarray_collated(size)
+    fixed = compat.asarray_collated(size)
     assert fixed.tolist() == [5, 7] and fixed.ndim == 1
     assert x[..., :fixed[0], :fixed[1]].shape == (3, 5, 7)
     # anything else is np.asarray unchanged: batches of more than one, arrays, scalars, dtype
-    assert _compat.asarray_collated([torch.tensor([1, 2]), torch.tensor([3, 4])]).shape == (2, 2)
-    assert _compat.asarray_collated([1.5, 2]).tolist() == [1.5, 2.0]
-    assert _compat.asarray_collated(size, dtype=np.float32).dtype == np.float32
-    assert _compat.asarray_collated([]).shape == (0,)
-    proxy = _compat.numpy_with_collated_asarray()
-    assert proxy.asarray is _compat.asarray_collated and proxy.pad is np.pad and np.asarray is not proxy.asarray
+    assert compat.asarray_collated([torch.tensor([1, 2]), torch.tensor([3, 4])]).shape == (2, 2)
+    assert compat.asarray_collated([1.5, 2]).tolist() == [1.5, 2.0]
+    assert compat.asarray_collated(size, dtype=np.float32).dtype == np.float32
+    assert compat.asarray_collated([]).shape == (0,)
+    proxy = compat.numpy_with_collated_asarray()
+    assert proxy.asarray is compat.asarray_collated and proxy.pad is np.pad and np.asarray is not proxy.asarray
 
 
 def test_make_sem_seg_labels_gets_the_collated_numpy(tmp_path, monkeypatch):
@@ -268,8 +267,8 @@ def test_make_sem_seg_labels_gets_the_collated_numpy(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
     try:
-        _compat.register_irn_family()
-        _compat.register_irn_family()  # idempotent
+        compat.register_irn_family()
+        compat.register_irn_family()  # idempotent
         import step.eval_sem_seg
         import step.make_ins_seg_labels
         import step.make_sem_seg_labels
@@ -279,7 +278,7 @@ def test_make_sem_seg_labels_gets_the_collated_numpy(tmp_path, monkeypatch):
         assert step.make_sem_seg_labels.np.__lpcam_collated_asarray__
         assert step.make_ins_seg_labels.np == "not numpy"  # not numpy: left alone
         assert step.eval_sem_seg.np is np  # a step that does not need it keeps numpy itself
-        assert "np.asarray(pack['size'])" in _hooks.explain()
+        assert "np.asarray(pack['size'])" in hooks.explain()
     finally:
         for name in list(sys.modules):
             if name.split(".")[0] == "step":

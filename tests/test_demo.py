@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from lpcam_core import LPCAMConfig
 from lpcam_core.demo import (
     METHODS,
     DemoSettings,
@@ -64,14 +65,14 @@ def test_settings_validation():
     with pytest.raises(ValueError, match="epochs"):
         DemoSettings(epochs=0)
     with pytest.raises(ValueError, match="scales"):
-        DemoSettings(scales=())
+        DemoSettings(lpcam=LPCAMConfig.preset("voc", scales=()))
     with pytest.raises(TypeError, match="data"):
         DemoSettings(data={"num_images": 10})
     with pytest.raises(ValueError, match="num_classes"):
         demo_settings(0, data_num_classes=1)
     settings = demo_settings(4, data_num_classes=8)
     assert settings.data.num_classes == 8 and settings.data.seed == 4 and settings.seed == 4
-    assert settings.lpcam_config().num_clusters == 12
+    assert settings.lpcam.num_clusters == 12
 
 
 @pytest.mark.parametrize("num_classes, epochs", [(4, 12), (6, 12), (10, 20), (20, 40)])
@@ -91,7 +92,7 @@ def test_pools_are_split_by_the_inference_scales_unless_told(monkeypatch, tmp_pa
     # The release clusters with the IRN family's multi-scale CAM files (PAPER.md step 1).
     settings = DemoSettings()
     assert settings.pool_cam_scales == settings.scales == (1.0, 0.5, 1.5, 2.0)
-    assert DemoSettings(scales=(1.0, 0.5)).pool_cam_scales == (1.0, 0.5)
+    assert DemoSettings(lpcam=LPCAMConfig.preset("voc", scales=(1.0, 0.5))).pool_cam_scales == (1.0, 0.5)
     assert DemoSettings(pool_cam_scales=(1.0,)).pool_cam_scales == (1.0,)
     with pytest.raises(ValueError, match="pool_cam_scales"):
         DemoSettings(pool_cam_scales=(1.0, -2.0))
@@ -108,8 +109,10 @@ def test_pools_are_split_by_the_inference_scales_unless_told(monkeypatch, tmp_pa
     monkeypatch.setattr(extractor.LPCAM, "fit", spy)
     quick = demo_settings(0, quick=True, data_num_images=16, data_image_size=48, threads=1,
                           scales=(1.0, 0.5), pool_cam_scales=None)
-    demo.write_voc(quick.data, tmp_path, progress=False)
-    train = demo.load_voc(tmp_path, "train", quick.data.num_classes)
+    from lpcam_core.demo.synthetic import load_voc, write_voc
+
+    write_voc(quick.data, tmp_path, progress=False)
+    train = load_voc(tmp_path, "train", quick.data.num_classes)
     model = demo.CAMNet(quick.data.num_classes, quick.width, quick.feature_dim, quick.last_kernel).eval()
     demo.build_bank(model, train, quick, progress=False)
     demo.build_bank(model, train, dataclasses.replace(quick, pool_cam_scales=(1.5,)), progress=False)

@@ -1,4 +1,4 @@
-"""lpcam_core.distributed: sharding, mergeable pools, and 1 vs 2 processes under torchrun (gloo, CPU).
+"""lpcam_core.run: sharding, mergeable pools, and 1 vs 2 processes under torchrun (gloo, CPU).
 
 The torchrun runs execute this file as a script (``worker`` mode below): every rank makes its shard's
 features from (seed, image index), so no feature file is needed. One 1-process run and one 2-process run
@@ -20,11 +20,19 @@ import numpy as np
 import pytest
 import torch
 
-from lpcam_core import distributed as lpdist
+from lpcam_core import run as lpdist
 from lpcam_core.bank import PrototypeBank
+from lpcam_core.classifier import LinearScorer
 from lpcam_core.config import LPCAMConfig
-from lpcam_core.io import atomic_open, load_irn_cam
-from lpcam_core.prototypes import PrototypeBuilder, _water_level, row_priorities
+from lpcam_core.formats import irn_writer, load_irn_cam
+from lpcam_core.io import atomic_open
+from lpcam_core.pools import row_priorities, water_level
+from lpcam_core.prototypes import PrototypeBuilder
+
+
+def generate(ids, compute, out, writer=None, **kwargs):
+    """The map loop adding the missing files (no directory record): resumable."""
+    return lpdist.write_maps(ids, compute, out, writer or irn_writer, mode="fill", progress=False, **kwargs)
 
 NUM_CLASSES = 5
 DIM = 64
@@ -101,8 +109,6 @@ def compute_map(bank: PrototypeBank):
 
 
 def _killing_writer(kill_after: int):
-    from lpcam_core.distributed import irn_writer
-
     count = {"n": 0}
 
     def write(path: Path, result) -> None:
@@ -128,7 +134,7 @@ def worker(argv: list[str]) -> None:
     if mode == "dupe":
         builder = PrototypeBuilder(NUM_CLASSES, fit_config())
         builder.add(*load(image_id(0)), index=0)
-        lpdist.build_distributed(builder, classifier(), out_path=out / "never.pt", progress=False)
+        lpdist.build_from_builder(builder, LinearScorer(classifier()), out_path=out / "never.pt", progress=False)
         return
     if mode == "all":
         for name, cfg in (("fit", fit_config()), ("sampled", sampled_config())):
@@ -145,7 +151,7 @@ def worker(argv: list[str]) -> None:
     if kill_after is not None and ctx.rank == int(os.environ.get(KILL_RANK_ENV, "0")):
         writer = _killing_writer(int(kill_after))
     ids = [image_id(i) for i in range(NUM_MAPS)]
-    stats = lpdist.generate(ids, compute_map(bank), out / "maps", writer, progress=False)
+    stats = generate(ids, compute_map(bank), out / "maps", writer)
     (out / f"stats_rank{ctx.rank}.json").write_text(json.dumps(stats.__dict__))
     ctx.close()
 
@@ -270,7 +276,7 @@ def test_water_level_is_the_largest_common_cap():
         if sum(held) <= budget:
             continue
         best = max(cap for cap in range(1, max(held) + 1) if sum(min(h, cap) for h in held) <= budget)
-        assert _water_level(held, budget) == best
+        assert water_level(held, budget) == best
 
 
 def test_add_index_must_increase():
@@ -367,7 +373,7 @@ def fit_bank() -> PrototypeBank:
 def test_generate_resumes_after_a_crash_and_removes_stale_temporaries(tmp_path, fit_bank):
     compute = compute_map(fit_bank)
     ids = [image_id(i) for i in range(8)]
-    reference = lpdist.generate(ids, compute, tmp_path / "ref", progress=False)
+    reference = generate(ids, compute, tmp_path / "ref")
     assert (reference.written, reference.skipped, reference.total) == (8, 0, 8)
 
     done: list[str] = []
@@ -380,24 +386,24 @@ def test_generate_resumes_after_a_crash_and_removes_stale_temporaries(tmp_path, 
 
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        lpdist.generate(ids, crashing, out, progress=False)
+        generate(ids, crashing, out)
     assert len(list(out.glob("*.npy"))) == 5
     (out / f".{ids[6]}.npy.k1ll3d.tmp").write_bytes(b"partial")  # what a SIGKILL mid-write leaves
     (out / ".unrelated.npy.x.tmp").write_bytes(b"x")  # not ours: left alone
     (out / f"{ids[7]}.npy").write_bytes(b"\x93NUMPY truncated")  # incomplete: rewritten
-    stats = lpdist.generate(ids, compute, out, progress=False)
+    stats = generate(ids, compute, out)
     assert (stats.skipped, stats.written, stats.removed_temporaries) == (5, 3, 1)
     assert (out / ".unrelated.npy.x.tmp").exists() and not (out / f".{ids[6]}.npy.k1ll3d.tmp").exists()
     _maps_equal(_read_maps(out), _read_maps(tmp_path / "ref"))
-    again = lpdist.generate(ids, compute, out, progress=False)
+    again = generate(ids, compute, out)
     assert (again.written, again.skipped) == (0, 8)
 
 
 def test_generate_rejects_duplicate_or_path_ids(tmp_path):
     with pytest.raises(ValueError, match="unique"):
-        lpdist.generate(["a", "b", "a"], lambda i: None, tmp_path)
+        generate(["a", "b", "a"], lambda i: None, tmp_path)
     with pytest.raises(ValueError, match="plain file names"):
-        lpdist.generate(["a/b"], lambda i: None, tmp_path)
+        generate(["a/b"], lambda i: None, tmp_path)
 
 
 # ----------------------------------------------------------------------------- torchrun: 1 vs 2 processes

@@ -8,8 +8,9 @@ import torch.nn as nn
 import torchvision
 
 from lpcam_core import LPCAM, LPCAMConfig, PrototypeBuilder, lpcam_multiscale
+from lpcam_core.classifier import equivalent_linear
+from lpcam_core.extractor import find_module
 from lpcam_core.maps import cam_multiscale
-from lpcam_core.extractor import equivalent_linear, find_module
 
 CFG = LPCAMConfig.preset("voc", num_clusters=3, class_threshold=0.0, context_low=0.0, context_high=1.0)
 

@@ -1,4 +1,4 @@
-"""The import hook of lpcam_adapters._hooks, against stand-in host packages written to tmp_path."""
+"""The import hook of lpcam_adapters.hooks, against stand-in host packages written to tmp_path."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from pathlib import Path
 
 import pytest
 
-from lpcam_adapters import _hooks
+from lpcam_adapters import hooks
 
 
 @pytest.fixture()
@@ -42,7 +41,7 @@ def fake_host(tmp_path, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def isolated_hooks():
-    with _hooks.scoped():
+    with hooks.scoped():
         yield
 
 
@@ -67,12 +66,12 @@ def test_patch_applies_when_module_is_imported_later(fake_host):
         calls.append(module)
         module.VALUE = "patched"
 
-    _hooks.register_patch(f"{pkg}.mod", "VALUE", patch)
+    hooks.register_patch(f"{pkg}.mod", "VALUE", patch)
     assert f"{pkg}.mod" not in sys.modules, "registration must not import the host module"
     mod = importlib.import_module(f"{pkg}.mod")
     assert mod.VALUE == "patched"
     assert calls == [mod]
-    assert _hooks.applied_patches(mod) == ["VALUE"]
+    assert hooks.applied_patches(mod) == ["VALUE"]
     # The real loader stays visible: inspect and linecache work on the patched module.
     assert type(mod.__loader__).__name__ == "SourceFileLoader"
     assert "def run" in inspect.getsource(mod)
@@ -81,7 +80,7 @@ def test_patch_applies_when_module_is_imported_later(fake_host):
 def test_patch_applies_immediately_to_imported_module(fake_host):
     pkg, _ = fake_host
     mod = importlib.import_module(f"{pkg}.mod")
-    _hooks.register_patch(f"{pkg}.mod", "VALUE", _set_value("now"))
+    hooks.register_patch(f"{pkg}.mod", "VALUE", _set_value("now"))
     assert mod.VALUE == "now"
 
 
@@ -93,11 +92,11 @@ def test_once_per_module_object_and_idempotent_registration(fake_host):
         count.append(1)
         module.VALUE += "+p"
 
-    _hooks.register_patch(f"{pkg}.mod", "p", patch)
-    _hooks.register_patch(f"{pkg}.mod", "p", patch)  # same function: no-op
+    hooks.register_patch(f"{pkg}.mod", "p", patch)
+    hooks.register_patch(f"{pkg}.mod", "p", patch)  # same function: no-op
     mod = importlib.import_module(f"{pkg}.mod")
-    assert _hooks.apply_patches(mod) == []
-    _hooks.install()
+    assert hooks.apply_patches(mod) == []
+    hooks.install()
     assert mod.VALUE == "original+p" and len(count) == 1
     # A fresh module object (re-import after removal) is patched again, once.
     del sys.modules[f"{pkg}.mod"]
@@ -107,25 +106,25 @@ def test_once_per_module_object_and_idempotent_registration(fake_host):
 
 def test_reload_reapplies_after_the_module_code_reran(fake_host):
     pkg, _ = fake_host
-    _hooks.register_patch(f"{pkg}.mod", "VALUE", _set_value("patched"))
+    hooks.register_patch(f"{pkg}.mod", "VALUE", _set_value("patched"))
     mod = importlib.import_module(f"{pkg}.mod")
     mod = importlib.reload(mod)
     assert mod.EXECUTIONS == [1] and mod.VALUE == "patched"
-    assert _hooks.applied_patches(mod) == ["VALUE"]
+    assert hooks.applied_patches(mod) == ["VALUE"]
 
 
 def test_different_function_under_same_name_needs_replace(fake_host):
     pkg, _ = fake_host
     mod = importlib.import_module(f"{pkg}.mod")
-    _hooks.register_patch(f"{pkg}.mod", "VALUE", _set_value("first"))
+    hooks.register_patch(f"{pkg}.mod", "VALUE", _set_value("first"))
     with pytest.raises(ValueError, match="already registered"):
-        _hooks.register_patch(f"{pkg}.mod", "VALUE", _set_value("second"))
-    _hooks.register_patch(f"{pkg}.mod", "VALUE", _set_value("second"), replace=True)
+        hooks.register_patch(f"{pkg}.mod", "VALUE", _set_value("second"))
+    hooks.register_patch(f"{pkg}.mod", "VALUE", _set_value("second"), replace=True)
     assert mod.VALUE == "second"
-    _hooks.unregister_patch(f"{pkg}.mod", "VALUE")
+    hooks.unregister_patch(f"{pkg}.mod", "VALUE")
     assert mod.VALUE == "original"
     with pytest.raises(KeyError):
-        _hooks.unregister_patch(f"{pkg}.mod", "VALUE")
+        hooks.unregister_patch(f"{pkg}.mod", "VALUE")
 
 
 def test_replace_attribute_keeps_original_and_is_idempotent(fake_host):
@@ -137,47 +136,47 @@ def test_replace_attribute_keeps_original_and_is_idempotent(fake_host):
 
         return run
 
-    _hooks.replace_attribute(f"{pkg}.mod", "run", make, description="swap run")
-    _hooks.replace_attribute(f"{pkg}.mod", "run", make, description="swap run")  # same make: no-op
+    hooks.replace_attribute(f"{pkg}.mod", "run", make, description="swap run")
+    hooks.replace_attribute(f"{pkg}.mod", "run", make, description="swap run")  # same make: no-op
     mod = importlib.import_module(f"{pkg}.mod")
     assert mod.run(1) == ("lpcam", ("host run", 1))
-    assert _hooks.original(mod.run)(2) == ("host run", 2)
-    assert _hooks.original(len) is len
+    assert hooks.original(mod.run)(2) == ("host run", 2)
+    assert hooks.original(len) is len
 
 
 def test_scoped_restores_everything(fake_host):
     pkg, _ = fake_host
     mod = importlib.import_module(f"{pkg}.mod")
-    was_installed = _hooks.is_installed()
-    with _hooks.scoped():
-        _hooks.register_patch(f"{pkg}.mod", "VALUE", _set_value("inner"))
-        assert mod.VALUE == "inner" and _hooks.is_installed()
+    was_installed = hooks.is_installed()
+    with hooks.scoped():
+        hooks.register_patch(f"{pkg}.mod", "VALUE", _set_value("inner"))
+        assert mod.VALUE == "inner" and hooks.is_installed()
     assert mod.VALUE == "original"
-    assert _hooks.is_installed() == was_installed
-    assert all(p.module != f"{pkg}.mod" for p in _hooks.describe_patches())
+    assert hooks.is_installed() == was_installed
+    assert all(p.module != f"{pkg}.mod" for p in hooks.describe_patches())
 
 
 def test_uninstall_restores_and_install_reapplies(fake_host):
     pkg, _ = fake_host
     mod = importlib.import_module(f"{pkg}.mod")
-    _hooks.register_patch(f"{pkg}.mod", "VALUE", _set_value("patched"))
-    _hooks.uninstall()
-    assert mod.VALUE == "original" and not _hooks.is_installed()
+    hooks.register_patch(f"{pkg}.mod", "VALUE", _set_value("patched"))
+    hooks.uninstall()
+    assert mod.VALUE == "original" and not hooks.is_installed()
     del sys.modules[f"{pkg}.mod"]
     assert importlib.import_module(f"{pkg}.mod").VALUE == "original"  # hook out: not patched
-    _hooks.install()
+    hooks.install()
     assert sys.modules[f"{pkg}.mod"].VALUE == "patched"
-    assert sys.meta_path[0] is _hooks._finder
+    assert sys.meta_path[0] is hooks._finder
 
 
 def test_requires_skips_modules_of_another_project(fake_host, caplog):
     pkg, _ = fake_host
-    _hooks.register_patch(f"{pkg}.mod", "VALUE", _set_value("x"), requires=("_work",), description="needs _work")
-    with caplog.at_level(logging.WARNING, logger="lpcam_adapters._hooks"):
+    hooks.register_patch(f"{pkg}.mod", "VALUE", _set_value("x"), requires=("_work",), description="needs _work")
+    with caplog.at_level(logging.WARNING, logger="lpcam_adapters.hooks"):
         mod = importlib.import_module(f"{pkg}.mod")
     assert mod.VALUE == "original"
     assert "lacks ['_work']" in caplog.text
-    (info,) = [p for p in _hooks.describe_patches(pkg)]
+    (info,) = [p for p in hooks.describe_patches(pkg)]
     assert info.status == "skipped"
 
 
@@ -187,11 +186,11 @@ def test_failing_patch_raises_patch_error_naming_it(fake_host):
     def broken(module):
         raise RuntimeError("boom")
 
-    _hooks.register_patch(f"{pkg}.mod", "broken", broken)
-    with pytest.raises(_hooks.PatchError, match=rf"{pkg}.mod:broken .*boom"):
+    hooks.register_patch(f"{pkg}.mod", "broken", broken)
+    with pytest.raises(hooks.PatchError, match=rf"{pkg}.mod:broken .*boom"):
         importlib.import_module(f"{pkg}.mod")
     with pytest.raises(TypeError):
-        _hooks.register_patch(f"{pkg}.mod", "x", "not callable")
+        hooks.register_patch(f"{pkg}.mod", "x", "not callable")
 
 
 def test_before_exec_patch_is_temporary(fake_host):
@@ -208,11 +207,11 @@ def test_before_exec_patch_is_temporary(fake_host):
 
         return undo
 
-    _hooks.register_patch(f"{pkg}.uses", "mark", mark, before_exec=True)
+    hooks.register_patch(f"{pkg}.uses", "mark", mark, before_exec=True)
     mod = importlib.import_module(f"{pkg}.uses")
     assert mod.SEEN == "during exec"
     assert not hasattr(json, "MARK")
-    assert [p.status for p in _hooks.describe_patches(f"{pkg}.uses")] == ["applied at import"]
+    assert [p.status for p in hooks.describe_patches(f"{pkg}.uses")] == ["applied at import"]
 
 
 def test_fallback_only_when_module_is_missing(fake_host):
@@ -222,11 +221,11 @@ def test_fallback_only_when_module_is_missing(fake_host):
     def fill(module):
         module.STAND_IN = True
 
-    _hooks.register_fallback(missing, fill, description="stand-in")
-    _hooks.register_fallback(f"{pkg}.mod", fill, description="never used: the real one exists")
+    hooks.register_fallback(missing, fill, description="stand-in")
+    hooks.register_fallback(f"{pkg}.mod", fill, description="never used: the real one exists")
     assert importlib.import_module(missing).STAND_IN is True
     assert not hasattr(importlib.import_module(f"{pkg}.mod"), "STAND_IN")
-    statuses = {p.module: p.status for p in _hooks.describe_patches(pkg)}
+    statuses = {p.module: p.status for p in hooks.describe_patches(pkg)}
     assert statuses[missing].startswith("active")
     assert statuses[f"{pkg}.mod"].startswith("inactive")
 
@@ -234,9 +233,9 @@ def test_fallback_only_when_module_is_missing(fake_host):
 def test_scoped_drops_served_fallbacks(fake_host):
     pkg, _ = fake_host
     name = f"{pkg}_gone"
-    with _hooks.scoped():
-        _hooks.register_fallback(name, lambda m: None, is_package=True)
-        _hooks.register_fallback(f"{name}.sub", lambda m: None)
+    with hooks.scoped():
+        hooks.register_fallback(name, lambda m: None, is_package=True)
+        hooks.register_fallback(f"{name}.sub", lambda m: None)
         importlib.import_module(f"{name}.sub")
         assert name in sys.modules
     assert name not in sys.modules and f"{name}.sub" not in sys.modules
@@ -246,23 +245,23 @@ def test_scoped_drops_served_fallbacks(fake_host):
 
 def test_explain_lists_patches(fake_host):
     pkg, _ = fake_host
-    _hooks.replace_attribute(f"{pkg}.mod", "run", lambda o, m: o, description="what run becomes")
-    text = _hooks.explain(pkg)
+    hooks.replace_attribute(f"{pkg}.mod", "run", lambda o, m: o, description="what run becomes")
+    text = hooks.explain(pkg)
     assert f"{pkg}.mod:run" in text and "pending" in text and "what run becomes" in text
-    (info,) = _hooks.describe_patches(pkg)
+    (info,) = hooks.describe_patches(pkg)
     assert info.owner == __name__
-    assert _hooks.explain("no-such-prefix") == "no lpcam patches registered"
+    assert hooks.explain("no-such-prefix") == "no lpcam patches registered"
 
 
 # --------------------------------------------------------------------------- spawned workers
 
 _ADAPTER = '''
-from lpcam_adapters import _hooks
+from lpcam_adapters import hooks
 
 def _make(orig, module):
     return "patched in " + __name__
 
-_hooks.replace_attribute("{pkg}.mod", "VALUE", _make)
+hooks.replace_attribute("{pkg}.mod", "VALUE", _make)
 
 def worker(index, out):
     import {pkg}.mod
@@ -346,14 +345,14 @@ def test_torch_spawn_worker_sees_the_patch(fake_host):
 
 def test_replacing_another_owners_patch_is_logged(fake_host, caplog):
     pkg, _ = fake_host
-    _hooks.register_patch(f"{pkg}.mod", "VALUE", _set_value("a"), owner="adapter_a")
-    with caplog.at_level(logging.INFO, logger="lpcam_adapters._hooks"):
-        _hooks.register_patch(f"{pkg}.mod", "VALUE", _set_value("b"), owner="adapter_b", replace=True)
+    hooks.register_patch(f"{pkg}.mod", "VALUE", _set_value("a"), owner="adapter_a")
+    with caplog.at_level(logging.INFO, logger="lpcam_adapters.hooks"):
+        hooks.register_patch(f"{pkg}.mod", "VALUE", _set_value("b"), owner="adapter_b", replace=True)
     assert "replaced by adapter_b" in caplog.text and "WARNING" not in caplog.text
     mod = importlib.import_module(f"{pkg}.mod")
     assert mod.VALUE == "b"
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="lpcam_adapters._hooks"):
-        _hooks.register_patch(f"{pkg}.mod", "VALUE", _set_value("c"), owner="adapter_c", replace=True)
+    with caplog.at_level(logging.INFO, logger="lpcam_adapters.hooks"):
+        hooks.register_patch(f"{pkg}.mod", "VALUE", _set_value("c"), owner="adapter_c", replace=True)
     assert "already applied" in caplog.text and any(r.levelno == logging.WARNING for r in caplog.records)
     assert mod.VALUE == "c"

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lpcam_core import formats
 from lpcam_core import io as lio
 
 
@@ -89,12 +90,12 @@ def test_atomic_write_keeps_permissions_of_replaced_file(tmp_path):
 
 def test_irn_roundtrip_types(tmp_path):
     keys, cam, high_res = _irn_arrays()
-    path = lio.save_irn_cam(tmp_path / "2007_000032.npy", keys, cam, torch.from_numpy(high_res))
+    path = formats.save_irn_cam(tmp_path / "2007_000032.npy", keys, cam, torch.from_numpy(high_res))
     raw = np.load(path, allow_pickle=True).item()  # the format the hosts read
     assert isinstance(raw["cam"], torch.Tensor) and raw["cam"].dtype == torch.float32
     assert isinstance(raw["high_res"], np.ndarray) and raw["high_res"].dtype == np.float32
     assert raw["keys"].dtype == torch.int64
-    d = lio.load_irn_cam(path)
+    d = formats.load_irn_cam(path)
     assert d["keys"].tolist() == [3, 17]
     assert torch.equal(d["cam"], cam)
     np.testing.assert_array_equal(d["high_res"], high_res)
@@ -104,7 +105,7 @@ def test_irn_load_accepts_official_release_numpy_keys_and_missing_cam(tmp_path):
     _, _, high_res = _irn_arrays()
     path = tmp_path / "x.npy"
     np.save(path, {"keys": np.array([3, 17], dtype=np.int32), "high_res": high_res.astype(np.float64)})
-    d = lio.load_irn_cam(path)
+    d = formats.load_irn_cam(path)
     assert isinstance(d["keys"], torch.Tensor) and d["keys"].dtype == torch.int64
     assert d["high_res"].dtype == np.float32
     assert "cam" not in d
@@ -112,60 +113,60 @@ def test_irn_load_accepts_official_release_numpy_keys_and_missing_cam(tmp_path):
 
 def test_irn_amn_background_channel_accepted(tmp_path):
     keys, cam, high_res = _irn_arrays()
-    path = lio.save_irn_cam(
+    path = formats.save_irn_cam(
         tmp_path / "amn.npy", keys, torch.cat([cam[:1], cam]), np.concatenate([high_res[:1], high_res])
     )
-    assert lio.load_irn_cam(path)["high_res"].shape[0] == 3
+    assert formats.load_irn_cam(path)["high_res"].shape[0] == 3
 
 
 def test_irn_save_validation(tmp_path):
     keys, cam, high_res = _irn_arrays()
     out = tmp_path / "bad.npy"
     with pytest.raises(ValueError, match="channels"):
-        lio.save_irn_cam(out, torch.tensor([1, 2, 3]), cam, high_res)  # 2 maps for 3 keys
+        formats.save_irn_cam(out, torch.tensor([1, 2, 3]), cam, high_res)  # 2 maps for 3 keys
     with pytest.raises(ValueError, match="'cam' must have shape"):
-        lio.save_irn_cam(out, keys, cam[:1], high_res)
+        formats.save_irn_cam(out, keys, cam[:1], high_res)
     with pytest.raises(ValueError, match=r"ceil\(H/4\)"):
-        lio.save_irn_cam(out, keys, cam[:, :2], high_res)
+        formats.save_irn_cam(out, keys, cam[:, :2], high_res)
     with pytest.raises(ValueError, match="3-D"):
-        lio.save_irn_cam(out, keys, cam, high_res[0])
+        formats.save_irn_cam(out, keys, cam, high_res[0])
     with pytest.raises(TypeError, match="integers"):
-        lio.save_irn_cam(out, np.array([3.0, 17.0]), cam, high_res)
+        formats.save_irn_cam(out, np.array([3.0, 17.0]), cam, high_res)
     assert not out.exists()
 
 
 def test_irn_load_errors_name_the_file(tmp_path):
     keys, cam, high_res = _irn_arrays()
-    good = lio.save_irn_cam(tmp_path / "good.npy", keys, cam, high_res)
+    good = formats.save_irn_cam(tmp_path / "good.npy", keys, cam, high_res)
 
     with pytest.raises(FileNotFoundError, match="absent.npy"):
-        lio.load_irn_cam(tmp_path / "absent.npy")
+        formats.load_irn_cam(tmp_path / "absent.npy")
 
     truncated = tmp_path / "truncated.npy"
     data = good.read_bytes()
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated.npy"):
-        lio.load_irn_cam(truncated)
+        formats.load_irn_cam(truncated)
 
     garbage = tmp_path / "garbage.npy"
     garbage.write_bytes(b"this is not numpy")
     with pytest.raises(ValueError, match="garbage.npy"):
-        lio.load_irn_cam(garbage)
+        formats.load_irn_cam(garbage)
 
     plain = tmp_path / "plain.npy"
     np.save(plain, np.zeros((2, 3)))
     with pytest.raises(ValueError, match="plain.npy.*expected np.save of a dict"):
-        lio.load_irn_cam(plain)
+        formats.load_irn_cam(plain)
 
     mct = tmp_path / "mct.npy"
-    lio.save_mctformer_cam(mct, {0: np.zeros((2, 2))})
+    formats.save_mctformer_cam(mct, {0: np.zeros((2, 2))})
     with pytest.raises(ValueError, match=r"mct.npy.*\['keys', 'high_res'\]"):
-        lio.load_irn_cam(mct)
+        formats.load_irn_cam(mct)
 
     wrong = tmp_path / "wrong.npy"
     np.save(wrong, {"keys": np.array([1, 2, 3]), "high_res": high_res})
     with pytest.raises(ValueError, match="wrong.npy.*channels"):
-        lio.load_irn_cam(wrong)
+        formats.load_irn_cam(wrong)
 
 
 # --------------------------------------------------------------------------- MCTformer
@@ -173,18 +174,18 @@ def test_irn_load_errors_name_the_file(tmp_path):
 
 def test_mctformer_roundtrip_and_errors(tmp_path):
     maps = {np.int64(4): np.full((3, 5), 0.25, np.float32), 11: torch.ones(3, 5)}
-    path = lio.save_mctformer_cam(tmp_path / "m.npy", maps)
-    d = lio.load_mctformer_cam(path)
+    path = formats.save_mctformer_cam(tmp_path / "m.npy", maps)
+    d = formats.load_mctformer_cam(path)
     assert sorted(d) == [4, 11] and all(type(k) is int for k in d)
     assert isinstance(d[11], np.ndarray) and d[4].dtype == np.float32
     np.testing.assert_array_equal(d[4], 0.25)
     with pytest.raises(ValueError, match="shape"):
-        lio.save_mctformer_cam(tmp_path / "x.npy", {1: np.zeros((3, 5)), 2: np.zeros((3, 4))})
+        formats.save_mctformer_cam(tmp_path / "x.npy", {1: np.zeros((3, 5)), 2: np.zeros((3, 4))})
     with pytest.raises(TypeError, match="integers"):
-        lio.save_mctformer_cam(tmp_path / "x.npy", {"cat": np.zeros((3, 5))})
-    irn = lio.save_irn_cam(tmp_path / "irn.npy", *_irn_arrays())
+        formats.save_mctformer_cam(tmp_path / "x.npy", {"cat": np.zeros((3, 5))})
+    irn = formats.save_irn_cam(tmp_path / "irn.npy", *_irn_arrays())
     with pytest.raises(ValueError, match="irn.npy"):
-        lio.load_mctformer_cam(irn)
+        formats.load_mctformer_cam(irn)
 
 
 # --------------------------------------------------------------------------- resumable runs
@@ -193,7 +194,7 @@ def test_mctformer_roundtrip_and_errors(tmp_path):
 def test_should_skip(tmp_path):
     path = tmp_path / "c.npy"
     assert not lio.should_skip(path)
-    lio.save_irn_cam(path, *_irn_arrays())
+    formats.save_irn_cam(path, *_irn_arrays())
     assert lio.should_skip(path)
     assert not lio.should_skip(path, overwrite=True)
     data = path.read_bytes()

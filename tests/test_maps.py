@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from reference import reference_lpcam
 
 from lpcam_core.bank import PrototypeBank
 from lpcam_core.maps import lpcam_map, lpcam_multiscale, normalise_by_max
-from reference import reference_lpcam
 
 # (image size, per-scale feature grids for scales 1.0, 0.5, 1.5, 2.0): odd sizes included.
 CASES = [

@@ -1,4 +1,4 @@
-"""Tests of lpcam_core.metrics: hand-computed confusion matrices, scores, label rule, sweeps."""
+"""Tests of lpcam_core.eval.metrics: hand-computed confusion matrices, scores, label rule, sweeps."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lpcam_core import io as lio
-from lpcam_core import metrics as m
+from lpcam_core.eval import metrics as m
+from lpcam_core.formats import save_irn_cam
 
 
 def _reference_confusion(preds, gts, ignore=255):
@@ -273,7 +273,7 @@ def _write_dataset(tmp_path, samples):
     for i, (keys, hr, gt) in enumerate(samples):
         image_id = f"2007_{i:06d}"
         h, w = gt.shape
-        lio.save_irn_cam(cam_dir / f"{image_id}.npy", torch.as_tensor(keys), np.zeros((len(keys), -(-h // 4), -(-w // 4))), hr)
+        save_irn_cam(cam_dir / f"{image_id}.npy", torch.as_tensor(keys), np.zeros((len(keys), -(-h // 4), -(-w // 4))), hr)
         img = Image.fromarray(gt, mode="P")
         img.putpalette(palette)
         img.save(gt_dir / f"{image_id}.png")
@@ -285,9 +285,9 @@ def test_file_sweep_reads_each_file_once(tmp_path, monkeypatch):
     samples = _constructed_samples()
     cam_dir, gt_dir, ids = _write_dataset(tmp_path, samples)
     reads: list[str] = []
-    real_cam, real_png = lio.load_irn_cam, lio.load_label_png
-    monkeypatch.setattr(lio, "load_irn_cam", lambda p: (reads.append(str(p)), real_cam(p))[1])
-    monkeypatch.setattr(lio, "load_label_png", lambda p: (reads.append(str(p)), real_png(p))[1])
+    real_cam, real_png = m.load_irn_cam, m.load_label_png
+    monkeypatch.setattr(m, "load_irn_cam", lambda p: (reads.append(str(p)), real_cam(p))[1])
+    monkeypatch.setattr(m, "load_label_png", lambda p: (reads.append(str(p)), real_png(p))[1])
     best, curve = m.sweep_thresholds(cam_dir, gt_dir, ids, [0.2, 0.3, 0.5, 0.7], progress=False)
     assert best == 0.5
     assert sorted(reads) == sorted({*reads}) and len(reads) == 2 * len(ids)

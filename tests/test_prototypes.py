@@ -7,11 +7,11 @@ import logging
 import numpy as np
 import pytest
 import torch
+from reference import reference_select, reference_split
 
 from lpcam_core.config import LPCAMConfig
 from lpcam_core.kmeans import kmeans
 from lpcam_core.prototypes import PrototypeBuilder, sample_images_per_class, select_prototypes, split_by_cam
-from reference import reference_select, reference_split
 
 TAU = 0.1
 LOGGER = "lpcam_core.prototypes"
@@ -291,9 +291,9 @@ def test_build_bad_input():
     with pytest.raises(ValueError, match="no image was added"):
         builder.build(torch.randn(3, 8), progress=False)
     builder.add(torch.rand(8, 3, 3), np.ones((1, 3, 3), np.float32), [0])
-    with pytest.raises(ValueError, match="classifier_weight has 4 classes"):
+    with pytest.raises(ValueError, match="the classifier scores 4 classes"):
         builder.build(torch.randn(4, 8), progress=False)
-    with pytest.raises(ValueError, match="classifier_weight has 7 input channels"):
+    with pytest.raises(ValueError, match="the classifier takes 7 input channels"):
         builder.build(torch.randn(3, 7), progress=False)
 
 

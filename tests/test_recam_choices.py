@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from benchmark_loader import load_benchmark
-from lpcam_core.demo import CAMNet, _to_tensor, demo_settings, train_classifier
-from lpcam_core.synthetic import generate
+
+from lpcam_core.demo import CAMNet, demo_settings, images_to_tensor, train_classifier
+from lpcam_core.demo.synthetic import generate
 
 rc = load_benchmark("recam_choices")
 
@@ -99,11 +99,11 @@ class _HostShaped(torch.nn.Module):
 
 
 def test_recam_map_is_make_recams_forward2_map(tiny):
-    from lpcam_adapters._irn_family import _baseline_maps
+    from lpcam_adapters.irn_family import IRNFamily
 
     recam, predictor, val = tiny["recam"], tiny["predictor"], tiny["data"]["val"]
     scales = (1.0, 0.5)
-    x = _to_tensor(val.images[:3])
+    x = images_to_tensor(val.images[:3])
     feats = rc.views(recam, x, scales)
     host = _HostShaped(recam)
     for j in range(3):
@@ -116,7 +116,8 @@ def test_recam_map_is_make_recams_forward2_map(tiny):
             imgs.append(torch.cat([xs, xs.flip(-1)]))
         pack = {"img": imgs, "label": torch.from_numpy(val.labels[j]), "size": tuple(x.shape[2:])}
         with torch.no_grad():
-            theirs = _baseline_maps(host, pack, torch.device("cpu"), predictor.classifier.weight.detach())
+            theirs = IRNFamily("recam", "stand_in", host, scales, extra_weight=predictor.classifier.weight.detach(),
+                               score_weight=predictor.classifier.weight.detach()).baseline(pack)
         assert ours["keys"].tolist() == theirs["keys"].tolist() == keys
         np.testing.assert_allclose(ours["high_res"], theirs["high_res"], atol=1e-5)
         torch.testing.assert_close(ours["cam"], theirs["cam"], atol=1e-5, rtol=1e-4)

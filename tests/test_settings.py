@@ -1,80 +1,108 @@
-"""lpcam_adapters._settings: the settings parsing every adapter shares (torch-free)."""
+"""lpcam_adapters.settings: the settings parsing every host shares (torch-free)."""
 
 from __future__ import annotations
 
 import pytest
 
-from lpcam_adapters import _settings
+from lpcam_adapters import settings as hs
 from lpcam_core import LPCAMConfig
 
-KEYS = {"bank": "bank_path", "enabled": "enabled", "rebuild_bank": "rebuild_bank"}
+OPTIONS = (hs.Option("colour", "LPCAM_COLOUR", "red", "a host choice", choices=("red", "blue"), flag="--colour"),
+           hs.Option("size", "LPCAM_SIZE", 3, "a number", parse=int, yaml_keys=("n",)))
 
 
 def test_parse_bool_and_number_name_the_variable():
-    assert _settings.parse_bool(" ON ", "X") is True and _settings.parse_bool("", "X") is False
-    assert _settings.parse_bool(False, "X") is False
+    assert hs.parse_bool(" ON ", "X") is True and hs.parse_bool("", "X") is False
+    assert hs.parse_bool(False, "X") is False
     with pytest.raises(ValueError, match=r"LPCAM='maybe': expected 1/0, true/false, on/off"):
-        _settings.parse_bool("maybe", "LPCAM")
-    assert _settings.parse_number("3", int, "LPCAM_K") == 3
+        hs.parse_bool("maybe", "LPCAM")
+    assert hs.parse_number("3", int, "LPCAM_K") == 3
     with pytest.raises(ValueError, match="LPCAM_K='3.5': expected an integer"):
-        _settings.parse_number("3.5", int, "LPCAM_K")
-    with pytest.raises(ValueError, match="LPCAM_TAU='x': expected a number"):
-        _settings.parse_number("x", float, "LPCAM_TAU")
+        hs.parse_number("3.5", int, "LPCAM_K")
+    with pytest.raises(ValueError, match="LPCAM_TAU='x': expected a finite number"):
+        hs.parse_number("x", float, "LPCAM_TAU")
+    for bad in ("inf", "nan", "-inf"):
+        with pytest.raises(ValueError, match=f"LPCAM_MEMORY_GB='{bad}'"):
+            hs.parse_number(bad, float, "LPCAM_MEMORY_GB")
+    with pytest.raises(ValueError, match="LPCAM_K=True"):
+        hs.parse_number(True, int, "LPCAM_K")
 
 
-def test_read_config_sections_and_errors(tmp_path):
-    assert _settings.read_config("", {"adapter": KEYS}) == _settings.ConfigFile(sections={"adapter": {}})
+def test_yaml_sections_and_errors(tmp_path):
+    assert hs.read_settings(OPTIONS, {}).options == {"colour": "red", "size": 3}
     path = tmp_path / "c.yaml"
-    path.write_text("preset: coco\nnum_clusters: 7\nadapter:\n  bank: b.pt\n")
-    cfg = _settings.read_config(str(path), {"adapter": KEYS, "amn": {}})
-    assert (cfg.preset, cfg.core, cfg.sections) == ("coco", {"num_clusters": 7}, {"adapter": {"bank_path": "b.pt"}, "amn": {}})
-    with pytest.raises(FileNotFoundError, match="LPCAM_CONFIG=.*missing.yaml: file not found"):
-        _settings.read_config(str(tmp_path / "missing.yaml"), {})
+    path.write_text("preset: coco\nnum_clusters: 7\nadapter:\n  bank: b.pt\n  colour: blue\n  n: 5\n")
+    s = hs.read_settings(OPTIONS, {"LPCAM_CONFIG": str(path)})
+    assert s.lpcam.num_clusters == 7 and s.lpcam.preset_name == "coco" and s.bank_path == "b.pt"
+    assert s.options == {"colour": "blue", "size": 5}
+    with pytest.raises(FileNotFoundError, match="LPCAM_CONFIG=.*missing.yaml"):
+        hs.read_settings(OPTIONS, {"LPCAM_CONFIG": str(tmp_path / "missing.yaml")})
     for text, match in (("a: [1\n", "not valid YAML"), ("- 1\n", "expected a mapping"),
                         ("adapter: 3\n", "`adapter` must be a mapping"),
-                        ("adapter:\n  bnak: 1\n", r"unknown adapter key\(s\) \['bnak'\]")):
+                        ("adapter:\n  bnak: 1\n", r"unknown adapter key\(s\) \['bnak'\]"),
+                        ("adapter:\n  colour: green\n", r"adapter.colour='green': expected one of \['red', 'blue'\]")):
         path.write_text(text)
         with pytest.raises(ValueError, match=f"LPCAM_CONFIG={path}: {match}"):
-            _settings.read_config(str(path), {"adapter": KEYS})
+            hs.read_settings(OPTIONS, {"LPCAM_CONFIG": str(path)})
 
 
-def test_lpcam_config_order_preset_file_variables(tmp_path):
+def test_a_host_section_holds_its_options(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("adapter:\n  workers: 0\nhost:\n  colour: blue\n")
+    s = hs.read_settings(OPTIONS, {"LPCAM_CONFIG": str(path)}, section="host")
+    assert s.workers == 0 and s.option("colour") == "blue"
+    path.write_text("adapter:\n  colour: blue\n")
+    with pytest.raises(ValueError, match="unknown adapter key"):
+        hs.read_settings(OPTIONS, {"LPCAM_CONFIG": str(path)}, section="host")
+
+
+def test_order_preset_file_variables(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("preset: coco\nnum_clusters: 7\n")
-    cfg = _settings.read_config(str(path), {})
-    out = _settings.lpcam_config({"LPCAM_TAU": "0.3", "LPCAM_MU": "0.8", "LPCAM_MEMORY_GB": " 0.5 "}, cfg)
+    env = {"LPCAM_CONFIG": str(path), "LPCAM_TAU": "0.3", "LPCAM_MU": "0.8", "LPCAM_MEMORY_GB": " 0.5 "}
+    out = hs.read_settings((), env).lpcam
     assert out.num_clusters == 7 and out.images_per_class == LPCAMConfig.preset("coco").images_per_class
     assert (out.fg_threshold, out.class_threshold, out.context_high) == (0.3, 0.8, 0.8)
     assert out.memory_budget_bytes == 512 * 2**20
     # LPCAM_PRESET wins over the file's preset; the file's keys still apply
-    out = _settings.lpcam_config({"LPCAM_PRESET": "voc"}, cfg)
-    assert out == LPCAMConfig.preset("voc", num_clusters=7)
-    # an adapter's preset defaults sit under the file's keys
-    empty = _settings.ConfigFile()
-    assert _settings.lpcam_config({}, empty, preset_defaults={"voc": {"fg_threshold": 0.1}}).fg_threshold == 0.1
-    assert _settings.lpcam_config({}, empty, fallback_preset="coco") == LPCAMConfig.preset("coco")
+    assert hs.read_settings((), {"LPCAM_CONFIG": str(path), "LPCAM_PRESET": "voc"}).lpcam == \
+        LPCAMConfig.preset("voc", num_clusters=7)
+    # a host's preset defaults sit under the file's keys
+    assert hs.read_settings((), {}, preset_defaults={"voc": {"fg_threshold": 0.1}}).lpcam.fg_threshold == 0.1
+    assert hs.read_settings((), {}, fallback_preset="coco").lpcam == LPCAMConfig.preset("coco")
+    # variables override the file for the host's options too
+    path.write_text("adapter:\n  colour: blue\n")
+    assert hs.read_settings(OPTIONS, {"LPCAM_CONFIG": str(path), "LPCAM_COLOUR": "Red"}).option("colour") == "red"
 
 
-def test_common_adapter_values(tmp_path):
-    out = _settings.common_adapter_values({"LPCAM": "0", "LPCAM_BANK": " b.pt ", "LPCAM_PROTO_LIST": ""},
-                                          {"rebuild_bank": "yes", "bank_path": "a.pt"}, "c.yaml")
-    assert out == {"rebuild_bank": True, "bank_path": "b.pt", "enabled": False}
+def test_common_fields(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("adapter:\n  rebuild_bank: yes\n  bank_path: a.pt\n")
+    s = hs.read_settings((), {"LPCAM_CONFIG": str(path), "LPCAM": "0", "LPCAM_BANK": " b.pt ", "LPCAM_PROTO_LIST": ""})
+    assert (s.rebuild_bank, s.bank_path, s.enabled, s.proto_list) == (True, "b.pt", False, None)
+    path.write_text("adapter:\n  enabled: maybe\n")
     with pytest.raises(ValueError, match="c.yaml: adapter.enabled='maybe'"):
-        _settings.common_adapter_values({}, {"enabled": "maybe"}, "c.yaml")
+        hs.read_settings((), {"LPCAM_CONFIG": str(path)})
     with pytest.raises(ValueError, match="LPCAM_REBUILD_BANK='2'"):
-        _settings.common_adapter_values({"LPCAM_REBUILD_BANK": "2"}, {}, None)
+        hs.read_settings((), {"LPCAM_REBUILD_BANK": "2"})
+    with pytest.raises(ValueError, match="LPCAM_WORKERS=-1"):
+        hs.read_settings((), {"LPCAM_WORKERS": "-1"})
+    with pytest.raises(ValueError, match="LPCAM_DEVICE='gpu0'"):
+        hs.read_settings((), {"LPCAM_DEVICE": "gpu0"})
 
 
-def test_adapters_share_the_parsing(tmp_path):
+def test_hosts_share_the_parsing(tmp_path):
     """IRN, AMN and MCTformer read the same file and variables the same way."""
-    from lpcam_adapters import _irn_family, mctformer
+    from lpcam_adapters import amn, irn, mctformer
 
     path = tmp_path / "c.yaml"
     path.write_text("preset: coco\nnum_clusters: 7\nadapter:\n  rebuild_bank: on\n")
     env = {"LPCAM_CONFIG": str(path), "LPCAM_K": "9", "LPCAM_PRESET": "voc", "LPCAM": "off"}
-    irn = _irn_family.settings_from_env(env)
-    mct = mctformer.settings_from_env(env)
-    assert irn.lpcam.num_clusters == mct.lpcam.num_clusters == 9
-    assert irn.lpcam.preset_name == "voc"  # the variable names the preset, not the file
-    assert irn.rebuild_bank and mct.rebuild_bank and not irn.enabled and not mct.enabled
-    assert set(_settings.core_env_vars(preset="p", tau="t")) <= set(_irn_family.ENV_VARS) & set(mctformer.ENV_VARS)
+    a = hs.read_settings(irn.INFO.options, env)
+    b = hs.read_settings(amn.OPTIONS, env, section="amn")
+    c = mctformer.settings_for(None, env)
+    assert a.lpcam.num_clusters == b.lpcam.num_clusters == c.lpcam.num_clusters == 9
+    assert a.lpcam.preset_name == "voc"  # the variable names the preset, not the file
+    assert a.rebuild_bank and b.rebuild_bank and c.rebuild_bank and not (a.enabled or b.enabled or c.enabled)
+    for info in (irn.INFO, amn.INFO, mctformer.INFO):
+        assert set(hs.COMMON_ENV) <= set(hs.env_docs(info.options, **info.env_docs))

@@ -1,4 +1,4 @@
-"""Tests of the procedural VOC-layout dataset (lpcam_core.synthetic)."""
+"""Tests of the procedural VOC-layout dataset (lpcam_core.demo.synthetic)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lpcam_core.synthetic import (
+from lpcam_core.demo.synthetic import (
     PART_NAMES,
     SyntheticConfig,
     class_names,
@@ -159,7 +159,7 @@ def test_voc_palette():
 
 
 def test_sharing_one_makes_bodies_identical():
-    from lpcam_core.synthetic import _class_styles
+    from lpcam_core.demo.synthetic import _class_styles
 
     styles = _class_styles(tiny(sharing=1.0))
     assert len({(s.body_hue, s.stripe_angle, s.stripe_period, s.leg_val) for s in styles}) == 1
@@ -175,7 +175,7 @@ def nearest_gap(values) -> float:
 def test_body_variants_never_further_apart_than_six_classes():
     """Fewer classes must not make the bodies discriminative: neighbours sit at most as far
     apart as with 6 classes, and every variant stays in the texture family's range."""
-    from lpcam_core.synthetic import _class_styles
+    from lpcam_core.demo.synthetic import _class_styles
 
     for seed in (0, 1):
         six = nearest_gap([s.body_hue for s in _class_styles(tiny(num_classes=6, seed=seed))])

@@ -3,7 +3,7 @@
 They run the host code found under ``$LPCAM_HOSTS`` (one clone per repository name: ``irn``,
 ``ReCAM``, ...) on a small synthetic VOC-layout dataset with random-init weights, on CPU. The
 host checkout is never written to: each test runs in a work directory of symlinks
-(:func:`lpcam_adapters._irn_family.prepare_workdir`) holding a patched *copy* of
+(:func:`lpcam_adapters.irn_family.prepare_workdir`) holding a patched *copy* of
 ``run_sample.py``, with ``PYTHONPYCACHEPREFIX`` pointing outside the checkout.
 """
 
@@ -49,7 +49,7 @@ def git_status(path: Path) -> str:
 @pytest.fixture(scope="session")
 def synthetic_voc(tmp_path_factory) -> dict:
     """A synthetic VOC root (20 train images, 32x32) and an IRN cls_labels file padded to 20 classes."""
-    from lpcam_core.synthetic import SyntheticConfig, write_voc
+    from lpcam_core.demo.synthetic import SyntheticConfig, write_voc
 
     base = tmp_path_factory.mktemp("voc")
     cfg = SyntheticConfig(num_classes=4, image_size=IMAGE_SIZE, num_images=NUM_TRAIN + 5, val_fraction=0.2, seed=0)
@@ -88,16 +88,18 @@ def run_python(code: str, cwd: Path, env: dict) -> dict:
 
 def make_workdir(host: Path, adapter: str, target: Path, synthetic: dict, pycache: Path) -> Path:
     """Work directory for ``host`` with the adapter's patch applied to a copy of run_sample.py."""
-    from lpcam_adapters import _cli, _irn_family
+    import importlib
 
-    work = _irn_family.prepare_workdir(
+    from lpcam_adapters import cli, irn_family
+
+    work = irn_family.prepare_workdir(
         host, target, cls_labels=synthetic["cls_labels"],
         lists={"train.txt": synthetic["train"], "train_aug.txt": synthetic["train"]},
     )
     script = work / "run_sample.py"
     script.unlink()
     shutil.copyfile(host / "run_sample.py", script)
-    assert _cli.apply_patch(work, adapter) == "applied"
+    assert cli.patch_entry_script(work, importlib.import_module(f"lpcam_adapters.{adapter}").INFO) == "applied"
     return work
 
 
@@ -105,13 +107,13 @@ CHECK_MAPS = """
 import json, os, sys
 import numpy as np, torch
 import lpcam_adapters.{adapter}
-from lpcam_adapters import _irn_family
+from lpcam_adapters import irn_family
 from lpcam_core import PrototypeBank, lpcam_multiscale
 import voc12.dataloader as loader
 
 if {threads} is not None:
     torch.set_num_threads({threads})
-model = _irn_family.load_model("net.resnet50_cam", {weights!r})
+model = irn_family.load_model("net.resnet50_cam", {weights!r})
 bank = PrototypeBank.load({bank!r})
 dataset = loader.VOC12ClassificationDatasetMSF({image_list!r}, voc12_root={root!r}, scales=(1.0, 0.5, 1.5, 2.0))
 names = set(os.path.splitext(f)[0] for f in os.listdir({out!r}) if f.endswith(".npy"))

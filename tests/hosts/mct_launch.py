@@ -31,10 +31,9 @@ TINY = dict(patch_size=16, embed_dim=48, depth=2, num_heads=2, mlp_ratio=2, qkv_
 
 
 def _register_tiny() -> None:
+    import models  # the host's
     import torch.nn as nn
     from timm.models import register_model
-
-    import models  # the host's
 
     cls = getattr(models, "MCTformerPlus", None) or models.MCTformerV2
 
@@ -112,8 +111,8 @@ def main() -> None:
     else:
         from lpcam_adapters import mctformer
 
-        mctformer._hooks.unregister_patch("models", "lpcam_swap")
-        mctformer._hooks.unregister_patch("engine", "generate_attention_maps_ms")
+        mctformer.hooks.unregister_patch("models", "lpcam_swap")
+        mctformer.hooks.unregister_patch("engine", "generate_attention_maps_ms")
     _register_tiny()
     if opts.make_checkpoint:
         import torch

@@ -30,10 +30,10 @@ SCALES = (1.0, 0.5, 1.5, 2.0)  # AMN's default --cam_scales
 RANDOM_WEIGHTS = """
 import json, os, torch
 import lpcam_adapters.amn
-from lpcam_adapters import _compat
+from lpcam_adapters import compat
 import net.resnet50_cam, net.resnet50_amn
 torch.manual_seed(0)
-with _compat.checkpoint_follows():
+with compat.checkpoint_follows():
     cam = net.resnet50_cam.CAM()
     amn = net.resnet50_amn.CAM()
 os.makedirs("sess", exist_ok=True)
@@ -47,14 +47,14 @@ print(json.dumps({"ok": True}))
 HOST_REFERENCE = """
 import argparse, contextlib, json, os
 import torch
-from lpcam_adapters import _compat
-_compat.register_irn_family()  # modern stack only: make_amn_cam itself is not swapped
+from lpcam_adapters import compat
+compat.register_irn_family()  # modern stack only: make_amn_cam itself is not swapped
 torch.Tensor.cuda = lambda self, *a, **k: self
 torch.nn.Module.cuda = lambda self, *a, **k: self
 torch.cuda.device = lambda *a, **k: contextlib.nullcontext()
 torch.cuda.device_count = lambda: 1
 import net.resnet50_amn, step.make_amn_cam, voc12.dataloader
-with _compat.checkpoint_follows():
+with compat.checkpoint_follows():
     model = net.resnet50_amn.CAM()
 model.load_state_dict(torch.load("sess/res50_amn.pth"), strict=True)
 model.eval()
@@ -116,8 +116,8 @@ print(json.dumps({{"worst": worst, "checked": checked, "zero": zero, "background
 SEM_SEG = """
 import argparse, contextlib, json, os
 import numpy as np, torch
-from lpcam_adapters import _compat
-_compat.register_irn_family()
+from lpcam_adapters import compat
+compat.register_irn_family()
 torch.Tensor.cuda = lambda self, *a, **k: self
 torch.nn.Module.cuda = lambda self, *a, **k: self
 torch.cuda.device = lambda *a, **k: contextlib.nullcontext()
@@ -125,7 +125,7 @@ torch.cuda.device_count = lambda: 1
 import net.resnet50_irn, step.make_sem_seg_labels, voc12.dataloader
 assert step.make_sem_seg_labels.np.__lpcam_collated_asarray__  # lpcam's shim: np.asarray(pack['size']) is [h, w]
 torch.manual_seed(0)
-with _compat.checkpoint_follows():
+with compat.checkpoint_follows():
     model = net.resnet50_irn.EdgeDisplacement()
 model.eval()
 dataset = voc12.dataloader.VOC12ClassificationDatasetMSF("voc12/train.txt", voc12_root={root!r}, scales=(1.0,))
@@ -143,20 +143,21 @@ CONFIG = "preset: voc\nnum_clusters: 3\ncontext_low: 0.0\n"  # small K; context 
 @pytest.fixture(scope="module")
 def amn(tmp_path_factory, synthetic_voc, pycache, hostkit):
     """Work directory with random weights and stage (a) done (LPCAM maps, bank, ir_label PNGs)."""
-    from lpcam_adapters import _cli_amn, _irn_family
+    from lpcam_adapters import amn as amn_adapter
+    from lpcam_adapters import cli, irn_family
 
     host = hostkit.host_dir("AMN")
     if not (host / "step" / "make_amn_cam.py").is_file():
         pytest.skip(f"{host} is not an AMN checkout (branch voc12)")
     before = hostkit.git_status(host)
     base = tmp_path_factory.mktemp("amn")
-    work = _irn_family.prepare_workdir(host, base / "work", cls_labels=synthetic_voc["cls_labels"],
+    work = irn_family.prepare_workdir(host, base / "work", cls_labels=synthetic_voc["cls_labels"],
                                        lists={"train.txt": synthetic_voc["train"], "train_aug.txt": synthetic_voc["train"]})
     script = work / "run_sample.py"
     script.unlink()
     shutil.copyfile(host / "run_sample.py", script)
-    assert _cli_amn.apply_amn_patch(work) == "applied"
-    assert _cli_amn.apply_amn_patch(work) == "already applied"
+    assert cli.patch_entry_script(work, amn_adapter.INFO) == "applied"
+    assert cli.patch_entry_script(work, amn_adapter.INFO) == "already applied"
     (work / "voc12" / "small.txt").write_text("\n".join(synthetic_voc["train"][:3]) + "\n")
     config = base / "lpcam.yaml"
     config.write_text(CONFIG)
@@ -259,8 +260,8 @@ def test_amns_own_maps_are_random_with_dropout_on(amn, host_maps):
 def test_two_spawned_workers(amn, stage_b):
     stdout = run_sample(amn, "--make_amn_cam_pass", "True", "--amn_cam_out_dir", "result/amn_cam_spawn",
                         LPCAM_WORKERS="2")
-    assert stdout.count("spawning 2 workers") == 2  # AMN maps of the prototype list, then LPCAM maps
-    assert "reusing the AMN prototype bank" in stdout
+    assert stdout.count("spawning 2 workers") == 1  # one pass: AMN maps, bank and LPCAM maps in the 2 processes
+    assert "reusing the prototype bank" in stdout
     work = amn["work"]
     for name in amn["ids"]:
         for sub_a, sub_b in (("amn_cam_spawn_baseline", "amn_cam_baseline"), ("amn_cam_spawn", "amn_cam")):
@@ -295,7 +296,8 @@ def test_alternative_choices_through_the_host(amn, stage_b, choices):
     stdout = run_sample(amn, "--make_amn_cam_pass", "True", "--train_list", "voc12/small.txt",
                         "--amn_cam_out_dir", out, LPCAM_AMN_BANK=bank, **choices)
     if choices.get("LPCAM_AMN_SPLIT") == "ir_label":
-        assert "AMN maps (Dropout off)" not in stdout  # the PNGs split the pools: no AMN pass needed
+        assert "baseline CAM ->" not in stdout  # the PNGs split the pools: no AMN pass needed
+        assert not (amn["work"] / f"{out}_baseline").exists()
     meta = torch.load(amn["work"] / bank, weights_only=True)["meta"]
     expected = {"features": "conditioned", "classifier": "all_taps", "softmax": 20, "split": "amn_cam"}
     for var, key in (("LPCAM_AMN_FEATURES", "features"), ("LPCAM_AMN_CLASSIFIER", "classifier"),
@@ -322,9 +324,9 @@ def test_amn_checkout_untouched(amn, stage_b):
 
 CLI = """
 import argparse, json, sys
-from lpcam_adapters import _cli_amn
+import lpcam_adapters.amn as amn
 parser = argparse.ArgumentParser(prog="lpcam")
-_cli_amn.register(parser.add_subparsers(dest="command"))
+amn.register(parser.add_subparsers(dest="command"))
 for argv in {argvs!r}:
     ns = parser.parse_args(argv)
     assert ns.func(ns) == 0

@@ -14,7 +14,6 @@ import pytest
 import torch
 from PIL import Image
 
-
 pytestmark = [
     pytest.mark.hosts,
     pytest.mark.skipif(not os.environ.get("LPCAM_HOSTS"), reason="LPCAM_HOSTS is not set: host integration tests "
@@ -29,10 +28,10 @@ OTHER_PASSES_OFF = [  # IRN tests its pass flags with `is True`: any value given
 RANDOM_WEIGHTS = """
 import json, os, torch
 import lpcam_adapters.irn
-from lpcam_adapters import _compat
+from lpcam_adapters import compat
 import net.resnet50_cam
 torch.manual_seed(0)
-with _compat.checkpoint_follows():
+with compat.checkpoint_follows():
     model = net.resnet50_cam.CAM()
 os.makedirs("sess", exist_ok=True)
 torch.save(model.state_dict(), "sess/res50_cam.pth")
@@ -43,14 +42,14 @@ print(json.dumps({"ok": True}))
 HOST_REFERENCE = """
 import argparse, contextlib, json
 import torch
-from lpcam_adapters import _compat
-_compat.register_irn_family()  # modern stack only: the host's make_cam itself is not swapped
+from lpcam_adapters import compat
+compat.register_irn_family()  # modern stack only: the host's make_cam itself is not swapped
 torch.Tensor.cuda = lambda self, *a, **k: self
 torch.nn.Module.cuda = lambda self, *a, **k: self
 torch.cuda.device = lambda *a, **k: contextlib.nullcontext()
 torch.cuda.device_count = lambda: 1
 import net.resnet50_cam, step.make_cam, voc12.dataloader
-with _compat.checkpoint_follows():
+with compat.checkpoint_follows():
     model = net.resnet50_cam.CAM()
 model.load_state_dict(torch.load("sess/res50_cam.pth"), strict=True)
 model.eval()
@@ -175,8 +174,9 @@ def test_lpcam_two_spawned_workers(irn, tmp_path):
         irn, "--cam_out_dir", "result/cam_spawn", "--eval_cam_pass", "0", "--cam_to_ir_label_pass", "0",
         LPCAM_WORKERS="2", LPCAM_CONFIG=str(config),
     )
-    assert stdout.count("spawning 2 workers") == 2  # baseline and LPCAM maps
-    assert f"baseline CAM: {len(irn['ids']) // 2} of {len(irn['ids'])}" in stdout
+    assert stdout.count("spawning 2 workers") == 1  # one pass: baselines, bank and maps in the 2 processes
+    half, total = len(irn["ids"]) // 2, len(irn["ids"])
+    assert f"{half} written, {total - half} already complete, {total} ids, 2 process(es)" in stdout
     for name in irn["ids"][1::2]:  # IRN's maps, up to the rounding of another CPU thread count
         a = np.load(baseline / f"{name}.npy", allow_pickle=True).item()
         b = np.load(work / "result" / "cam_host" / f"{name}.npy", allow_pickle=True).item()
@@ -197,9 +197,9 @@ def test_bank_reused_then_rebuilt_when_settings_change(irn):
              "--cam_to_ir_label_pass", "0")
     env = {"LPCAM_BANK": "result/bank_small.pt", "LPCAM_PROTO_LIST": "voc12/small.txt"}
     first = run_sample(irn, *flags, **env)
-    assert "saved PrototypeBank" in first and "baseline CAM: 3 of 3" in first
+    assert "saved PrototypeBank" in first and "3 written, 0 already complete, 3 ids" in first
     again = run_sample(irn, *flags, **env)
-    assert "reusing the prototype bank" in again and "baseline CAM:" not in again
+    assert "reusing the prototype bank" in again and "0 written, 3 already complete, 3 ids" in again
     changed = run_sample(irn, *flags, **env, LPCAM_K="2")
     assert "rebuilding the prototype bank" in changed and "num_clusters" in changed
 

@@ -98,7 +98,7 @@ def voc(tmp_path_factory):
     """A synthetic VOC-layout dataset (20 classes, 96x96 and 80x96 images) and MCTformer's lists."""
     from PIL import Image
 
-    from lpcam_core.synthetic import SyntheticConfig, write_voc
+    from lpcam_core.demo.synthetic import SyntheticConfig, write_voc
 
     root = tmp_path_factory.mktemp("mct_voc")
     cfg = SyntheticConfig(num_classes=20, image_size=96, num_images=16, val_fraction=0.25, seed=0)
@@ -180,7 +180,7 @@ def runs(host, voc, tmp_path_factory):
 
 
 def _load(folder: Path, image_id: str) -> dict:
-    from lpcam_core.io import load_mctformer_cam
+    from lpcam_core.formats import load_mctformer_cam
 
     return load_mctformer_cam(folder / f"{image_id}.npy")
 
@@ -191,8 +191,9 @@ def _load(folder: Path, image_id: str) -> dict:
 @contextlib.contextmanager
 def host_modules(path: Path):
     """Import the host's ``models`` (patched by the adapter) and undo it all afterwards."""
-    import lpcam_adapters.mctformer  # noqa: F401 - registers the patches before the host's import
     from timm.models import _registry
+
+    import lpcam_adapters.mctformer  # noqa: F401 - registers the patches before the host's import
 
     saved_registry = {k: copy.deepcopy(v) for k, v in vars(_registry).items()
                       if not k.startswith("__") and isinstance(v, (dict, set))}
@@ -276,7 +277,7 @@ def test_lpcam_files_in_the_hosts_format(runs, voc):
 
 
 def test_hosts_evaluation_accepts_lpcam_files(runs, voc, tmp_path):
-    from lpcam_core.metrics import evaluate_from_arrays
+    from lpcam_core.eval.metrics import evaluate_from_arrays
 
     folder = runs["out"] / "lpcam"
     cmd = [sys.executable, str(runs["path"] / "evaluation.py"), "--list", str(voc["lists"] / "train_aug_id.txt"),
@@ -305,8 +306,8 @@ def test_lpcam_maps_equal_core_on_the_same_tokens(runs, voc):
     """patchcam, one scale, no refinement: the file = min-max(LPCAM(img) + flip(LPCAM(flip img))), resized."""
     from PIL import Image
 
-    from lpcam_core import PrototypeBank, lpcam_map
     from lpcam_adapters import mctformer as mct
+    from lpcam_core import PrototypeBank, lpcam_map
 
     bank = PrototypeBank.load(runs["ckpt"].with_suffix(".lpcam_bank.pt"))
     with host_modules(runs["path"]) as models:
@@ -347,8 +348,8 @@ def test_timm_entrypoints_build_on_current_timm(host):
 
 
 def test_swap_on_host_model_equals_core(host):
-    from lpcam_core import lpcam_map
     from lpcam_adapters import mctformer as mct
+    from lpcam_core import lpcam_map
 
     ref, path, _ = host
     bank = _random_bank()
@@ -376,8 +377,8 @@ def test_swap_on_host_model_equals_core(host):
 
 
 def test_feature_level_flip_on_host_model(host):
-    from lpcam_core import lpcam_map
     from lpcam_adapters import mctformer as mct
+    from lpcam_core import lpcam_map
 
     _, path, _ = host
     bank = _random_bank(seed=1)
@@ -404,12 +405,16 @@ def test_v1_is_refused(host):
     with host_modules(path) as models:
         v1 = models.MCTformerV1(num_classes=20, norm_layer=partial(nn.LayerNorm, eps=1e-6), **TINY)
         with pytest.raises(mct.UnsupportedModelError, match="patch classifier"):
-            mct.generate(lambda *a: None, [], v1, "cpu", object(), mct.MCTformerSettings())
+            mct.generate(lambda *a: None, [], v1, "cpu", object(), mct.settings_for())
 
 
 def test_patched_main_runs_with_the_one_line(host, voc, tmp_path):
     """`lpcam mctformer patch` on a copy of the checkout, then the host's main.py as users run it."""
-    from lpcam_adapters._cli_mctformer import apply_patch
+    from lpcam_adapters import mctformer as mct
+    from lpcam_adapters.cli import patch_entry_script
+
+    def apply_patch(folder, **kw):
+        return patch_entry_script(folder, mct.INFO, **kw)
 
     ref, path, _ = host
     copy_dir = tmp_path / "host"

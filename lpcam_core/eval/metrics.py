@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import io as _io
+from ..formats import load_irn_cam
+from ..io import load_label_png
 
 __all__ = [
     "ConfusionMatrix",
@@ -588,8 +589,8 @@ def _file_samples(
         if not d.is_dir():
             raise FileNotFoundError(f"{name} {str(d)!r} is not an existing directory")
     for image_id in tqdm(ids, total=len(ids), disable=None if progress else True, desc="eval seeds"):
-        cam = _io.load_irn_cam(cams / f"{image_id}.npy")
-        gt = _io.load_label_png(gts / f"{image_id}.png")
+        cam = load_irn_cam(cams / f"{image_id}.npy")
+        gt = load_label_png(gts / f"{image_id}.png")
         yield image_id, cam["keys"], cam["high_res"], gt
 
 

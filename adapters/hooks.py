@@ -19,9 +19,9 @@ imported at the top of the host's main script (re-run as ``__mp_main__``) or whe
 function pickled by ``spawn`` is defined in the adapter (unpickling imports its module).
 
 Example:
-    >>> from lpcam_adapters import _hooks
-    >>> with _hooks.scoped():
-    ...     _ = _hooks.replace_attribute("json", "dumps", lambda orig, mod: lambda *a, **k: "patched",
+    >>> from lpcam_adapters import hooks
+    >>> with hooks.scoped():
+    ...     _ = hooks.replace_attribute("json", "dumps", lambda orig, mod: lambda *a, **k: "patched",
     ...                                  description="demo")
     ...     import json
     ...     json.dumps({})

@@ -2,13 +2,13 @@
 
 Pipeline (:func:`run_pipeline`), all seeded and deterministic:
 
-1. generate the synthetic VOC-layout dataset (:mod:`lpcam_core.synthetic`, cached on disk);
+1. generate the synthetic VOC-layout dataset (:mod:`lpcam_core.demo.synthetic`, cached on disk);
 2. train a small stride-4 CNN from random init with image labels only (multi-label BCE on
    global-average-pooled features, a bias-free 1x1 classifier, as IRN);
 3. baseline CAM of every training image, features into :class:`~lpcam_core.PrototypeBuilder`,
-   prototypes scored by the classifier (PAPER.md steps 2-4);
+   prototypes scored by the classifier (steps 2-4 of the method);
 4. CAM and LPCAM (with and without context prototypes) seeds of the held-out images, over
-   scales and flips (PAPER.md steps 5-6);
+   scales and flips (steps 5-6);
 5. seed mIoU / precision / recall, each method at its best background threshold and at the
    paper's 0.3; :func:`run_demo` adds ``report.md`` and pictures.
 
@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import LPCAMConfig
 from .synthetic import SyntheticConfig, SyntheticSplit, class_names, load_voc, voc_palette, write_voc
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ __all__ = [
     "add_demo_arguments",
     "main_from_args",
     "METHODS",
+    "images_to_tensor",
+    "seed_everything",
 ]
 
 #: Rows of the results table, in order: key -> label.
@@ -78,7 +81,7 @@ class DemoSettings:
         seed: Seed of the network's initialisation, batches and K-means.
         epochs: Training epochs. ``None`` (default): ``max(12, 2 * num_classes)``; more classes
             need more training (with 10 classes and 12 epochs the CAM network of seed 0 was
-            under-trained: its CAM's best threshold was the sweep's lowest; see the README).
+            under-trained: its CAM's best threshold was the sweep's lowest; see docs/demo.md).
         batch_size: Training batch size.
         lr: Peak learning rate (AdamW, one-cycle cosine schedule).
         weight_decay: AdamW weight decay.
@@ -86,16 +89,12 @@ class DemoSettings:
         last_kernel: Kernel of the last convolution (3: receptive field 31 px, 1: 23 px).
         feature_dim: Channels of the feature layer: a 1x1 expansion (+BN+ReLU) after the
             convolutions (0: none, the features are the last convolution's ``width``).
-        num_clusters: K (paper, VOC: 12).
-        fg_threshold: tau (paper, VOC: 0.1).
-        class_threshold: mu_f (paper: 0.9).
-        context_low: Lower bound of a context prototype's probability (VOC code: 0.05).
-        context_high: mu_b (paper, VOC: 0.9).
-        scales: Inference scales, each with its horizontal flip (paper: 1, 0.5, 1.5, 2).
+        lpcam: The LPCAM settings (K, tau, mu_f, mu_b, inference ``scales``, ...). ``None``
+            (default): the paper's VOC preset with ``seed`` as its K-means seed.
         pool_cam_scales: Scales (with flips) of the baseline CAM that splits the training
-            features into pools. ``None`` (default): ``scales``, as the IRN family's make_cam
+            features into pools. ``None`` (default): ``lpcam.scales``, as the IRN family's make_cam
             whose CAM files the official release clusters with (the scale-1 CAM gave the same
-            mean gain over 14 paired runs, with more weak seeds at 4 and 6 classes; README).
+            mean gain over 14 paired runs, with more weak seeds at 4 and 6 classes; docs/demo.md).
         eval_threshold: The paper's seed threshold (0.3), reported next to the best one.
         thresholds: Background thresholds swept for each method's best.
         threads: ``torch.set_num_threads`` during the run (None: leave as it is).
@@ -112,12 +111,7 @@ class DemoSettings:
     width: int = 96
     last_kernel: int = 1
     feature_dim: int = 256
-    num_clusters: int = 12
-    fg_threshold: float = 0.1
-    class_threshold: float = 0.9
-    context_low: float = 0.05
-    context_high: float = 0.9
-    scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
+    lpcam: LPCAMConfig | None = None
     pool_cam_scales: tuple[float, ...] | None = None
     eval_threshold: float = 0.3
     thresholds: tuple[float, ...] = tuple(round(0.05 + 0.025 * i, 3) for i in range(37))
@@ -130,11 +124,15 @@ class DemoSettings:
             raise TypeError(f"data must be a SyntheticConfig, got {type(self.data).__name__}")
         if self.epochs is None:
             object.__setattr__(self, "epochs", default_epochs(self.data.num_classes))
+        if self.lpcam is None:
+            object.__setattr__(self, "lpcam", LPCAMConfig.preset("voc", seed=self.seed))
+        if not isinstance(self.lpcam, LPCAMConfig):
+            raise TypeError(f"lpcam must be an LPCAMConfig, got {type(self.lpcam).__name__}")
         if self.pool_cam_scales is None:
-            object.__setattr__(self, "pool_cam_scales", tuple(self.scales))
+            object.__setattr__(self, "pool_cam_scales", tuple(self.lpcam.scales))
         if self.last_kernel not in (1, 3):
             raise ValueError(f"last_kernel must be 1 or 3, got {self.last_kernel!r}")
-        for name in ("epochs", "batch_size", "width", "num_clusters"):
+        for name in ("epochs", "batch_size", "width"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -146,35 +144,23 @@ class DemoSettings:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        for name in ("scales", "pool_cam_scales"):
-            value = getattr(self, name)
-            if not value or any(s <= 0 for s in value):
-                raise ValueError(f"{name} must be one or more positive numbers, got {value}")
+        if not self.pool_cam_scales or any(s <= 0 for s in self.pool_cam_scales):
+            raise ValueError(f"pool_cam_scales must be one or more positive numbers, got {self.pool_cam_scales}")
         if not self.thresholds or any(not 0 <= t <= 1 for t in self.thresholds):
             raise ValueError(f"thresholds must be one or more values in [0, 1], got {self.thresholds}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be None or an int >= 1, got {self.threads!r}")
 
-    def lpcam_config(self):
-        """The :class:`~lpcam_core.LPCAMConfig` of this run (VOC preset with these overrides)."""
-        from .config import LPCAMConfig
-
-        return LPCAMConfig.preset(
-            "voc",
-            num_clusters=self.num_clusters,
-            fg_threshold=self.fg_threshold,
-            class_threshold=self.class_threshold,
-            context_low=self.context_low,
-            context_high=self.context_high,
-            scales=self.scales,
-            seed=self.seed,
-        )
+    @property
+    def scales(self) -> tuple[float, ...]:
+        """The inference scales (``lpcam.scales``), each with its horizontal flip."""
+        return self.lpcam.scales
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary of the settings."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["data"] = self.data.to_dict()
-        out["scales"] = list(self.scales)
+        out["lpcam"] = self.lpcam.to_dict()
         out["pool_cam_scales"] = list(self.pool_cam_scales)
         out["thresholds"] = list(self.thresholds)
         return out
@@ -258,8 +244,8 @@ def inference_model(model):
     return out.to(memory_format=torch.channels_last)
 
 
-def _to_tensor(images: np.ndarray):
-    """uint8 ``[N, H, W, 3]`` -> normalised float32 ``[N, 3, H, W]``."""
+def images_to_tensor(images: np.ndarray):
+    """Images [N, H, W, 3] uint8 -> the network's input [N, 3, H, W] float32 (the demo's normalisation)."""
     import torch
 
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
@@ -288,7 +274,7 @@ def train_classifier(model, split: SyntheticSplit, settings: DemoSettings, progr
     import torch.nn.functional as F
 
     gen = torch.Generator().manual_seed(settings.seed)
-    x_all = _to_tensor(split.images)
+    x_all = images_to_tensor(split.images)
     y_all = torch.from_numpy(split.labels)
     n = len(split)
     steps_per_epoch = max(1, n // settings.batch_size)
@@ -338,14 +324,14 @@ def _batches(x, labels: np.ndarray, batch: int):
 
 def _extractor(model, settings: DemoSettings, bank=None):
     """The generic :class:`~lpcam_core.LPCAM` extractor on the demo network (forward hooks)."""
-    from .extractor import LPCAM
+    from ..extractor import LPCAM
 
-    return LPCAM(model, feature_layer="features", classifier="classifier", config=settings.lpcam_config(), bank=bank)
+    return LPCAM(model, feature_layer="features", classifier="classifier", config=settings.lpcam, bank=bank)
 
 
 def build_bank(model, split: SyntheticSplit, settings: DemoSettings, progress: bool = True,
                keep_features: int = 0):
-    """Prototypes from the training images (PAPER.md steps 2-4) with :meth:`LPCAM.fit`.
+    """Prototypes from the training images (steps 2-4 of the method) with :meth:`LPCAM.fit`.
 
     The baseline CAM that splits each image's features into class and context pools is the
     network's multi-scale CAM (``settings.pool_cam_scales`` with flips, as the IRN family's
@@ -364,7 +350,7 @@ def build_bank(model, split: SyntheticSplit, settings: DemoSettings, progress: b
     """
     import torch
 
-    x_all = _to_tensor(split.images)
+    x_all = images_to_tensor(split.images)
     with _extractor(model, settings) as lp:
         bank = lp.fit(_batches(x_all, split.labels, 32), cam_scales=settings.pool_cam_scales, progress=progress,
                       class_names=class_names(split.labels.shape[1]))
@@ -387,11 +373,11 @@ def compute_seeds(model, bank, split: SyntheticSplit, settings: DemoSettings,
     import torch
     import torch.nn.functional as F
 
-    from .maps import cam_multiscale, lpcam_multiscale
+    from ..maps import cam_multiscale, lpcam_multiscale
 
     weight = model.classifier.weight.detach()[:, :, 0, 0]
     no_context = bank.without_context()
-    x_all = _to_tensor(split.images)
+    x_all = images_to_tensor(split.images)
     size = tuple(x_all.shape[2:])
     out: dict[str, list[dict]] = {key: [] for key in METHODS}
     missing: set[int] = set()
@@ -430,7 +416,7 @@ def evaluate_seeds(seeds: dict[str, list[dict]], masks: np.ndarray, num_classes:
         masks: Ground truth ``[N, H, W]`` (255 ignored).
         num_classes: Foreground classes.
         settings: Thresholds.
-        parts: Optional part maps ``[N, H, W]`` (:data:`~lpcam_core.synthetic.PART_NAMES`):
+        parts: Optional part maps ``[N, H, W]`` (:data:`~lpcam_core.demo.synthetic.PART_NAMES`):
             adds ``part_recall`` (share of each part's pixels given their class) and
             ``background_fp`` (share of background pixels given a class) at the best threshold.
 
@@ -438,7 +424,7 @@ def evaluate_seeds(seeds: dict[str, list[dict]], masks: np.ndarray, num_classes:
         ``{method: {miou, precision, recall, threshold, miou_at_eval, precision_at_eval,
         recall_at_eval, iou, curve[, part_recall, background_fp]}}``, scores in percent.
     """
-    from .metrics import accumulate_confusions
+    from ..eval.metrics import accumulate_confusions
 
     thresholds = sorted(set(settings.thresholds) | {settings.eval_threshold})
     results = {}
@@ -469,14 +455,14 @@ def gain_interval(seeds: dict[str, list[dict]], masks: np.ndarray, num_classes: 
     """LPCAM - CAM on these images, with a 95% paired bootstrap interval over the images.
 
     Each method's seeds are labelled at its best threshold (from ``results``, held fixed), one
-    confusion matrix per image; :func:`~lpcam_core.metrics.bootstrap_difference` resamples the
+    confusion matrix per image; :func:`~lpcam_core.eval.metrics.bootstrap_difference` resamples the
     images. The interval is the evaluation's noise (which images were drawn), not the
     seed-to-seed spread of training: compare seeds for that.
 
     Returns:
         ``{"miou" | "precision" | "recall": {"difference", "low", "high"}}`` in percent.
     """
-    from .metrics import ConfusionMatrix, bootstrap_difference
+    from ..eval.metrics import ConfusionMatrix, bootstrap_difference
 
     confs = {}
     for method in ("cam", "lpcam"):
@@ -541,7 +527,8 @@ def format_table(results: dict[str, dict[str, Any]], eval_threshold: float = 0.3
 # ----------------------------------------------------------------------------- pipeline
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch, and ask torch for deterministic algorithms."""
     import random
 
     import torch
@@ -587,7 +574,7 @@ def _run(settings: DemoSettings, data_dir: Path, progress: bool, keep: bool) -> 
     timings["data"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    _seed_everything(settings.seed)
+    seed_everything(settings.seed)
     model = CAMNet(settings.data.num_classes, settings.width, settings.feature_dim, settings.last_kernel)
     losses = train_classifier(model, train, settings, progress)
     timings["train"] = time.perf_counter() - t0
@@ -640,7 +627,7 @@ def _label_colors(label: np.ndarray) -> np.ndarray:
 
 
 def _seed_label(record: dict, threshold: float) -> np.ndarray:
-    from .metrics import cams_to_label
+    from ..eval.metrics import cams_to_label
 
     return cams_to_label(record["keys"], record["high_res"], threshold).astype(np.uint8)
 
@@ -857,7 +844,7 @@ def write_report(out_dir: str | os.PathLike, results: dict[str, Any], artifacts:
         f"a {settings['width']}-channel stride-4 CNN trained from scratch for {settings['epochs']} epochs "
         "with image labels only. Prototypes from the training images, their class and context pools "
         f"split by the CAM at scales {', '.join(f'{s:g}' for s in settings['pool_cam_scales'])} with flips; "
-        f"seeds of the held-out images, scales {', '.join(f'{s:g}' for s in settings['scales'])} with flips.",
+        f"seeds of the held-out images, scales {', '.join(f'{s:g}' for s in settings['lpcam']['scales'])} with flips.",
         "",
         "## Seeds (the paper's Table 1 shape)",
         "",
@@ -870,7 +857,7 @@ def write_report(out_dir: str | os.PathLike, results: dict[str, Any], artifacts:
     if "gain_interval" in results:
         lines += [format_gain(results["gain_interval"], len(val)) + ". The interval is the evaluation's noise "
                   "(other held-out images of the same kind, thresholds fixed); other seeds also retrain "
-                  "the network and move the gain more (README).", ""]
+                  "the network and move the gain more (docs/demo.md).", ""]
     part_table = _part_table(results)
     if part_table:
         lines += ["Where the seeds land (at the best thresholds): share of each part's pixels labelled with "
@@ -912,19 +899,26 @@ def demo_settings(seed: int = 0, *, quick: bool = False, **overrides: Any) -> De
         seed: Seed of the data, the network and K-means.
         quick: A tiny run (a few seconds, numbers meaningless) for smoke tests.
         **overrides: :class:`DemoSettings` fields; ``data_<name>`` keys set generator parameters
-            (``data_num_classes=8``).
+            (``data_num_classes=8``); :class:`~lpcam_core.LPCAMConfig` fields (``num_clusters=8``,
+            ``scales=(1.0,)``) set the LPCAM settings.
 
     Returns:
         The settings.
     """
+    config_fields = {f.name for f in dataclasses.fields(LPCAMConfig)}
     data_kwargs = {k[len("data_"):]: v for k, v in overrides.items() if k.startswith("data_")}
-    rest = {k: v for k, v in overrides.items() if not k.startswith("data_")}
+    lpcam_kwargs = {k: v for k, v in overrides.items() if k in config_fields}
+    rest = {k: v for k, v in overrides.items() if not k.startswith("data_") and k not in config_fields}
     if quick:
         data_kwargs = {"num_images": 24, "image_size": 64, **data_kwargs}
-        rest = {"epochs": 1, "width": 16, "feature_dim": 32, "num_clusters": 3, "scales": (1.0,),
-                "pool_cam_scales": (1.0,),
+        lpcam_kwargs = {"num_clusters": 3, "scales": (1.0,), **lpcam_kwargs}
+        rest = {"epochs": 1, "width": 16, "feature_dim": 32, "pool_cam_scales": (1.0,),
                 "overlay_images": 2, "gallery_classes": 1, **rest}
     data = SyntheticConfig(**{"seed": seed, **data_kwargs})
+    if "lpcam" not in rest:
+        rest["lpcam"] = LPCAMConfig.preset("voc", **{"seed": seed, **lpcam_kwargs})
+    elif lpcam_kwargs:
+        rest["lpcam"] = rest["lpcam"].replace(**lpcam_kwargs)
     return DemoSettings(data=data, seed=seed, **rest)
 
 

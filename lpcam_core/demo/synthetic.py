@@ -42,7 +42,7 @@ palette, 255 on object borders), ``ImageSets/Segmentation/{train,val}.txt`` and 
 parameters is left as it is. Image ``i`` depends only on the seed and ``i``.
 
 Example:
-    >>> from lpcam_core.synthetic import SyntheticConfig, generate
+    >>> from lpcam_core.demo.synthetic import SyntheticConfig, generate
     >>> data = generate(SyntheticConfig(num_images=8, seed=0))
     >>> data["train"].images.shape[1:], data["train"].labels.shape[1]
     ((96, 96, 3), 6)
@@ -100,7 +100,7 @@ class SyntheticConfig:
         num_images: Images in all; the last ``val_fraction`` of them form the val split.
             ``None`` (default): ``max(1200, 200 * num_classes)``, so the classifier sees at
             least 160 training images per class whatever the class count (with 10 classes and
-            1,200 images the CAM network was too weak for LPCAM to gain: see the README).
+            1,200 images the CAM network was too weak for LPCAM to gain: see docs/demo.md).
         val_fraction: Share of the images held out as ``val``.
         min_objects: Fewest objects per image.
         max_objects: Most objects per image (fewer are drawn when they do not fit).
@@ -688,7 +688,7 @@ def load_voc(root: str | os.PathLike, split: str, num_classes: int | None = None
     if not list_path.is_file():
         raise FileNotFoundError(f"no split list {list_path} (split={split!r})")
     ids = [line.strip() for line in list_path.read_text().splitlines() if line.strip()]
-    from .io import load_npy
+    from ..io import load_npy
 
     cls_labels = load_npy(root / "cls_labels.npy", what="class labels")
     if num_classes is None:

@@ -1,6 +1,6 @@
 """Modern-stack shims for the IRN-family hosts (Python 3.11, torch 2.x, numpy 2.x).
 
-Every shim is a named patch or stand-in registered through :mod:`lpcam_adapters._hooks`, so
+Every shim is a named patch or stand-in registered through :mod:`lpcam_adapters.hooks`, so
 ``lpcam irn --explain`` lists it and nothing is imported before the host imports it:
 
 * ``voc12.dataloader:load_img_name_list``: numpy >= 1.23's ``np.loadtxt(dtype=np.int32)``
@@ -26,8 +26,8 @@ Every shim is a named patch or stand-in registered through :mod:`lpcam_adapters.
   error only when the CRF is actually called), served only when the real package is missing.
 
 Example:
-    >>> from lpcam_adapters import _compat
-    >>> _compat.register_irn_family()     # idempotent; the host adapters call it
+    >>> from lpcam_adapters import compat
+    >>> compat.register_irn_family()     # idempotent; the host adapters call it
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _hooks
+from . import hooks
 
 __all__ = [
     "register_irn_family",
@@ -157,7 +157,7 @@ def numpy_with_aliases() -> ModuleType:
     return alias
 
 
-def _numpy_aliases_during_exec(module: ModuleType) -> _hooks.Undo:
+def _numpy_aliases_during_exec(module: ModuleType) -> hooks.Undo:
     added = [name for name in _NUMPY_ALIASES if name not in vars(np)]
     for name in added:
         setattr(np, name, _NUMPY_ALIASES[name])
@@ -387,7 +387,7 @@ class VOCSemanticSegmentationDataset:
 
 def calc_semantic_segmentation_confusion(pred_labels: Iterable[Any], gt_labels: Iterable[Any]) -> np.ndarray:
     """Stand-in for chainercv's function: (n, n) int64, rows gt, columns pred, gt < 0 ignored."""
-    from lpcam_core.metrics import confusion_matrix
+    from lpcam_core.eval.metrics import confusion_matrix
 
     return confusion_matrix(pred_labels, gt_labels, ignore_index=None)
 
@@ -476,40 +476,40 @@ def _pydensecrf_sub(name: str) -> Any:
 def register_irn_family() -> None:
     """Register every modern-stack shim for the IRN-family hosts (idempotent)."""
     with _register_lock:
-        _hooks.replace_attribute(
+        hooks.replace_attribute(
             "voc12.dataloader",
             "load_img_name_list",
             _make_loader,
             description="parse ids like 2007_000032 with int() (np.loadtxt rejects them on numpy >= 1.23)",
         )
-        _hooks.replace_attribute(
+        hooks.replace_attribute(
             "voc12.dataloader",
             "decode_int_filename",
             _make_decode,
             description="accept ids that are already strings",
         )
         for name in _ALIAS_MODULES:
-            _hooks.register_patch(
+            hooks.register_patch(
                 name,
                 "np_aliases_at_import",
                 _numpy_aliases_during_exec,
                 before_exec=True,
                 description="numpy's removed aliases (np.bool ...) exist while the module's code runs",
             )
-            _hooks.replace_attribute(
+            hooks.replace_attribute(
                 name,
                 "np",
                 _make_numpy_alias,
                 description="module-local numpy with the removed aliases np.int, np.float, np.str ...",
             )
-        _hooks.replace_attribute(
+        hooks.replace_attribute(
             "net.resnet50",
             "resnet50",
             _make_resnet50,
             description=f"no ImageNet download when a checkpoint is loaded next (always with {ENV_NO_PRETRAINED}=1)",
         )
         for name in _COLLATED_SIZE_MODULES:
-            _hooks.replace_attribute(
+            hooks.replace_attribute(
                 name,
                 "np",
                 _make_collated_numpy,
@@ -517,32 +517,32 @@ def register_irn_family() -> None:
                 description="np.asarray(pack['size']) of a batch of one is [h, w] (numpy 2 refuses [2, 1] slice bounds)",
             )
         for name in _TORCH_LOAD_MODULES:
-            _hooks.replace_attribute(
+            hooks.replace_attribute(
                 name,
                 "torch",
                 _make_torch_proxy,
                 description='torch.load defaults to map_location="cpu"',
             )
         for name in ("step.make_sem_seg_labels", "step.make_ins_seg_labels"):
-            _hooks.replace_attribute(
+            hooks.replace_attribute(
                 name,
                 "run",
                 _make_coercing_run,
                 description="numeric flags declared without type= (--sem_seg_bg_thres 0.35 ...) become numbers",
             )
-        _hooks.register_fallback(
+        hooks.register_fallback(
             "chainercv",
             _chainercv_package,
             is_package=True,
             description="numpy stand-in: VOCSemanticSegmentationDataset, calc_semantic_segmentation_confusion",
         )
-        _hooks.register_fallback("chainercv.datasets", _chainercv_datasets, description="VOCSemanticSegmentationDataset stand-in")
-        _hooks.register_fallback(
+        hooks.register_fallback("chainercv.datasets", _chainercv_datasets, description="VOCSemanticSegmentationDataset stand-in")
+        hooks.register_fallback(
             "chainercv.evaluations", _chainercv_evaluations, description="calc_semantic_segmentation_confusion stand-in"
         )
-        _hooks.register_fallback(
+        hooks.register_fallback(
             "pydensecrf", _pydensecrf_package, is_package=True,
             description="import-only stand-in: the CRF raises a clear error (pip install pydensecrf2)",
         )
-        _hooks.register_fallback("pydensecrf.densecrf", _pydensecrf_sub("densecrf"), description="CRF stand-in")
-        _hooks.register_fallback("pydensecrf.utils", _pydensecrf_sub("utils"), description="CRF stand-in")
+        hooks.register_fallback("pydensecrf.densecrf", _pydensecrf_sub("densecrf"), description="CRF stand-in")
+        hooks.register_fallback("pydensecrf.utils", _pydensecrf_sub("utils"), description="CRF stand-in")

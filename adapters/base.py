@@ -1,0 +1,234 @@
+"""The Host protocol: what a host supplies (glue only), and the passes every host runs on it.
+
+A host adapter is one file of glue. It describes itself for the CLI and the patch
+(:class:`HostInfo`, torch-free) and, at run time, hands an object of the :class:`Host` protocol to
+the passes below, which run on :mod:`lpcam_core.run` (one process, spawned workers or torchrun: one
+code path):
+
+* :func:`fill_baselines`: the host's own CAM of the prototype images, missing files only, into a
+  baseline directory guarded by its record;
+* :func:`prototype_bank`: the bank, reused when built with the same classifier, settings and
+  provenance, else streamed (features + baseline maps) into the one bank loop;
+* :func:`write_lpcam` / :func:`write_baseline`: the map loop with the host's writer.
+
+The core never imports a host; a host never reaches inside the core or the run layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .settings import HostSettings, Option
+
+if TYPE_CHECKING:
+    import torch
+
+    from lpcam_core import PrototypeBank
+    from lpcam_core.classifier import Scorer
+
+__all__ = [
+    "HostInfo",
+    "Host",
+    "Datasets",
+    "fill_baselines",
+    "prototype_bank",
+    "write_lpcam",
+    "write_baseline",
+    "swap_pass",
+    "own_pass",
+    "resolve_workers",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    """What the CLI, the patch and ``--explain`` know of a host, without importing torch.
+
+    Attributes:
+        name: ``lpcam <name> ...`` and ``import lpcam_adapters.<module>``.
+        title: one line, with the repository.
+        module: the adapter module (``lpcam_adapters.irn``): the import line names it.
+        entry_script: the host script that gets the import line (``run_sample.py``, ``main.py``).
+        signature: ``{relative path: text}`` every checkout of this host holds (how ``patch`` tells it
+            from another project's script of the same name).
+        options: the host's own settings (:class:`~lpcam_adapters.settings.Option`).
+        section: the YAML section of those settings (``adapter``, ``amn``).
+        env_docs: documentation overrides of the common variables.
+        thresholds: what to run the host's next steps with on LPCAM maps (one line), or ''.
+    """
+
+    name: str
+    title: str
+    module: str
+    entry_script: str
+    signature: Mapping[str, str]
+    options: tuple[Option, ...] = ()
+    section: str = "adapter"
+    env_docs: Mapping[str, str] = field(default_factory=dict)
+    thresholds: str = ""
+
+
+class Host(Protocol):
+    """The glue a host supplies at run time (items are the host dataset's items, opaque here).
+
+    Attributes:
+        name: for logs and bank provenance.
+        num_classes: foreground classes of the classifier.
+    """
+
+    name: str
+    num_classes: int
+
+    def to(self, device: torch.device) -> Host:
+        """The host's networks on ``device``."""
+        ...
+
+    def scorer(self) -> Scorer:
+        """The classifier that scores prototype centres."""
+        ...
+
+    def pool_inputs(self, image_id: str, item: Any, baseline_dir: str | None) -> tuple[torch.Tensor, Any, Any]:
+        """One prototype image: features [C, h, w] (one scale, no flip), baseline maps [n, H, W], keys [n]."""
+        ...
+
+    def baseline(self, item: Any) -> Any:
+        """The host's own CAM of one image, in the host's file format (a record for :meth:`write`)."""
+        ...
+
+    def lpcam(self, item: Any, bank: PrototypeBank) -> Any:
+        """LPCAM of one image in the host's file format."""
+        ...
+
+    def write(self, path: Any, record: Any) -> None:
+        """Write a record atomically in the host's file format."""
+        ...
+
+    def maps_record(self, kind: str, bank_path: str | None = None) -> dict[str, Any]:
+        """What makes a map directory's files (:func:`lpcam_core.run.maps_record`)."""
+        ...
+
+
+@dataclass
+class Datasets:
+    """The host datasets of a pass, with their image ids in order.
+
+    Attributes:
+        proto: multi-scale items of the prototype list (their baseline maps).
+        proto_ids: ids of ``proto``.
+        pool: one-scale, unflipped items of the prototype list (the pooled features); same ids.
+        labels: prototype id -> present classes (the clustering plan).
+        maps: multi-scale items of the list the maps are written for.
+        map_ids: ids of ``maps``.
+        loader_workers: DataLoader workers per process.
+    """
+
+    proto: Any = None
+    proto_ids: Sequence[str] = ()
+    pool: Any = None
+    labels: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    maps: Any = None
+    map_ids: Sequence[str] = ()
+    loader_workers: int = 0
+
+
+def resolve_workers(settings: HostSettings) -> int:
+    """Processes for the image loops: the setting, else one per GPU (0 on a CPU machine)."""
+    if settings.workers is not None:
+        return settings.workers
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def fill_baselines(host: Host, data: Datasets, baseline_dir: str | None, fingerprint: Mapping[str, Any], *,
+                   reads: Sequence[str | None] = ()) -> Any:
+    """Collective: the host's baseline maps of the prototype images that lack one (never overwritten).
+
+    ``<baseline_dir>/lpcam_baseline.json`` must record the same ``fingerprint`` (network, scales), or
+    the directory is refused (its maps would feed the pools with another checkpoint's CAM). Nothing to
+    do when ``baseline_dir`` is None (a host whose pools are split by something else).
+    """
+    from lpcam_core import run
+
+    if baseline_dir is None:
+        return None
+    run.raise_on_all_ranks(lambda: run.check_baseline_record(baseline_dir, fingerprint))
+    run.barrier()
+    return run.write_maps(data.proto_ids, host.baseline, baseline_dir, host.write, mode="fill", reads=reads,
+                          dataset=data.proto, num_workers=data.loader_workers, desc=f"baseline CAM -> {baseline_dir}")
+
+
+def prototype_bank(host: Host, data: Datasets, baseline_dir: str, bank_path: str | None, settings: HostSettings,
+                   meta: Mapping[str, Any], *, device: torch.device | None = None) -> PrototypeBank:
+    """Collective: the bank at ``bank_path`` when it was built with this classifier, settings and ``meta``;
+    else a new one from the prototype images (features + baseline maps), saved there.
+    """
+    from lpcam_core import run
+
+    scorer = host.scorer()
+    bank = run.reusable_bank(bank_path, scorer, settings.lpcam, meta, rebuild=settings.rebuild_bank)
+    if bank is not None:
+        return bank
+    plan = run.clustering_plan(data.labels, settings.lpcam, host.num_classes)
+    mine = [plan[i].image_id for i in run.shard_indices(len(plan))]
+    with run.ItemFeed(data.pool, data.proto_ids, mine, data.loader_workers) as feed:
+        bank = run.build_prototypes(plan, lambda image_id: host.pool_inputs(image_id, feed(image_id), baseline_dir),
+                                    host.num_classes, scorer, config=settings.lpcam, out_path=bank_path,
+                                    device=device, meta=dict(meta), record_pool_peak=True)
+    if run.rank() == 0:
+        logger.info("prototype pools: peak %.1f MiB per process of %.1f MiB budget; peak RSS %.0f MiB (%d images, "
+                    "%d process(es))", bank.meta["pool_peak_bytes"] / 2**20, settings.lpcam.memory_budget_bytes / 2**20,
+                    run.peak_rss_mib(), len(plan), run.world_size())
+    return bank
+
+
+def write_lpcam(host: Host, bank: PrototypeBank, bank_path: str, data: Datasets, out_dir: str, *, mode: str,
+                reads: Sequence[str | None] = ()) -> Any:
+    """Collective: LPCAM maps of ``data.maps`` into ``out_dir`` (``mode``: resume or overwrite)."""
+    from lpcam_core import run
+
+    return run.write_maps(data.map_ids, lambda item: host.lpcam(item, bank), out_dir, host.write, mode=mode,
+                          record=host.maps_record("lpcam", bank_path), reads=reads, dataset=data.maps,
+                          num_workers=data.loader_workers, desc=f"LPCAM -> {out_dir}")
+
+
+def write_baseline(host: Host, data: Datasets, out_dir: str, *, mode: str, reads: Sequence[str | None] = ()) -> Any:
+    """Collective: the host's own CAM maps of ``data.maps`` into ``out_dir`` (``mode``: resume or overwrite)."""
+    from lpcam_core import run
+
+    return run.write_maps(data.map_ids, host.baseline, out_dir, host.write, mode=mode,
+                          record=host.maps_record("baseline"), reads=reads, dataset=data.maps,
+                          num_workers=data.loader_workers, desc=f"baseline CAM -> {out_dir}")
+
+
+def swap_pass(ctx: Any, host: Host, data: Datasets, settings: HostSettings, *, baseline_dir: str, bank_path: str,
+              out_dir: str, fingerprint: Mapping[str, Any], meta: Mapping[str, Any], reads: Sequence[str | None]) -> None:
+    """A host's CAM pass with LPCAM (every process runs it): baselines of the prototype list, the bank,
+    LPCAM maps of the host's list into ``out_dir`` (every file rewritten, the directory recorded)."""
+    t0 = time.perf_counter()
+    host = host.to(ctx.device)
+    fill_baselines(host, data, baseline_dir, fingerprint, reads=[out_dir])
+    t1 = time.perf_counter()
+    bank = prototype_bank(host, data, baseline_dir, bank_path, settings, meta, device=ctx.device)
+    t2 = time.perf_counter()
+    write_lpcam(host, bank, bank_path, data, out_dir, mode="overwrite", reads=reads)
+    if ctx.is_main:
+        logger.info("LPCAM pass done: baseline %.1fs, bank %.1fs, maps %.1fs (%d images)", t1 - t0, t2 - t1,
+                    time.perf_counter() - t2, len(data.map_ids))
+
+
+def own_pass(ctx: Any, host: Host, data: Datasets, out_dir: str) -> None:
+    """The host's own CAM maps computed by lpcam's loop (every file rewritten, recorded)."""
+    write_baseline(host.to(ctx.device), data, out_dir, mode="overwrite")
+
+
+def default_path(path: str | None, fallback: str) -> str:
+    """``path`` (absolute), else ``fallback``."""
+    return os.path.abspath(path) if path else fallback

@@ -1,0 +1,197 @@
+"""``lpcam <host> ...``: the command groups every host shares, built without importing torch.
+
+Each host module adds its group with :func:`add_host_group` (its ``register`` function, found by the
+core CLI through the ``lpcam.hosts`` entry points). Every group has:
+
+* ``lpcam <host> --explain``: the patches the import line applies and the settings it reads;
+* ``lpcam <host> patch HOST_DIR [--revert] [--check]``: add (remove) the one import line
+  (:func:`patch_entry_script`: the checkout is recognised by its files, the file's bytes and line
+  endings are kept, any lpcam import line is recognised, a symlinked script is refused);
+* the host's own steps (``prototypes``, ``make``, ``try``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import sys
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .base import HostInfo
+from .settings import env_docs
+
+__all__ = [
+    "add_host_group",
+    "patch_text",
+    "patch_line",
+    "patch_entry_script",
+    "check_checkout",
+    "explain_text",
+    "add_settings_flags",
+    "IMPORT_LINE",
+]
+
+#: Any lpcam import line, whatever its comment: ``import lpcam_adapters.<name>`` or ``from lpcam_adapters import``.
+IMPORT_LINE = re.compile(rb"^[ \t]*(?:import[ \t]+lpcam_adapters\.(\w+)|from[ \t]+lpcam_adapters(?:\.(\w+))?[ \t]+import\b)")
+
+
+def patch_text(info: HostInfo) -> str:
+    """The shipped ``patches/<host>.patch``."""
+    return resources.files("lpcam_adapters.patches").joinpath(f"{info.name}.patch").read_text(encoding="utf-8")
+
+
+def patch_line(info: HostInfo) -> tuple[str, str]:
+    """(the line the patch adds, the host line it goes before) of the shipped patch."""
+    added, anchor = None, None
+    for line in patch_text(info).splitlines():
+        if line.startswith("+") and not line.startswith("+++"):
+            added = line[1:]
+        elif line.startswith(" ") and added is not None and anchor is None:
+            anchor = line[1:]
+    if added is None or anchor is None:
+        raise ValueError(f"patches/{info.name}.patch: expected one added line followed by a context line")
+    return added, anchor
+
+
+def check_checkout(host_dir: str | os.PathLike, info: HostInfo) -> Path:
+    """The checkout ``host_dir`` when its files say it is ``info``'s host, else ``ValueError`` naming what is missing."""
+    root = Path(host_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such directory (expected a {info.title} checkout)")
+    for rel, text in info.signature.items():
+        path = root / rel
+        try:
+            found = text in path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            found = False
+        if not found:
+            raise ValueError(f"{root} is not a {info.title} checkout: {rel} does not contain {text!r}")
+    return root
+
+
+def patch_entry_script(host_dir: str | os.PathLike, info: HostInfo, *, revert: bool = False, check: bool = False) -> str:
+    """Add (or remove) ``import lpcam_adapters.<host>`` in the host's entry script.
+
+    The checkout must hold the host's files (:data:`HostInfo.signature`). The line goes right before the
+    first line equal to the patch's context line; every other byte of the file, line endings included,
+    is kept, so revert gives back the file byte for byte. Any lpcam import line counts as the patch,
+    whatever its comment; another adapter's line is refused. A symlinked script is refused.
+
+    Returns:
+        ``"applied"``, ``"already applied"``, ``"reverted"``, ``"not applied"``; under ``check`` a change
+        is reported as ``"would be applied"`` / ``"would be reverted"`` and not made.
+
+    Raises:
+        FileNotFoundError: no checkout or no entry script. ValueError: not this host's checkout, a symlink,
+        another adapter's line, or no line to put the import before.
+    """
+    root = check_checkout(host_dir, info)
+    path = root / info.entry_script
+    if path.is_symlink():
+        raise ValueError(f"{path} is a symlink (to {os.readlink(path)}): patch the file it points to, not the link")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {host_dir} a {info.title} checkout?")
+    added, anchor = patch_line(info)
+    module = info.module.rsplit(".", 1)[1]
+    raw = path.read_bytes()
+    lines = raw.splitlines(keepends=True)
+    ours = []
+    for i, line in enumerate(lines):
+        match = IMPORT_LINE.match(line)
+        if match:
+            name = (match.group(1) or match.group(2) or b"").decode()
+            if name != module:
+                raise ValueError(f"{path} already imports lpcam_adapters.{name or '...'} (line {i + 1}): only one "
+                                 f"adapter per host; remove that line first (lpcam {name} patch --revert)")
+            ours.append(i)
+    if ours:
+        if not revert:
+            return "already applied"
+        new = b"".join(line for i, line in enumerate(lines) if i not in ours)
+        status = "reverted"
+    else:
+        if revert:
+            return "not applied"
+        at = next((i for i, line in enumerate(lines) if line.rstrip(b"\r\n") == anchor.encode()), None)
+        if at is None:
+            raise ValueError(f"{path}: no line {anchor!r} to put the import before; add `{added}` as its first "
+                             "line by hand")
+        ending = lines[at][len(lines[at].rstrip(b"\r\n")):] or (b"\r\n" if b"\r\n" in raw else b"\n")
+        new = b"".join(lines[:at]) + added.encode() + ending + b"".join(lines[at:])
+        status = "applied"
+    if check:
+        return f"would be {status}"
+    from lpcam_core.io import atomic_write_bytes
+
+    try:
+        atomic_write_bytes(path, new)
+    except OSError as err:
+        raise ValueError(f"{path}: cannot write ({err.strerror or err})") from None
+    return status
+
+
+def explain_text(info: HostInfo) -> str:
+    """The patches ``import lpcam_adapters.<host>`` registers (with their status) and the settings it reads."""
+    from . import hooks
+
+    module = importlib.import_module(info.module)
+    owners = {info.module, "lpcam_adapters.compat", *getattr(module, "PATCH_OWNERS", ())}
+    rows = [r for r in hooks.describe_patches() if r.owner in owners]
+    lines = [f"`import {info.module}` registers these patches (applied when the host imports the module):", ""]
+    if rows:
+        name_w = max(len(f"{r.module}:{r.name}") for r in rows)
+        status_w = max(len(r.status) for r in rows)
+        lines.append(f"{'patch':<{name_w}}  {'status':<{status_w}}  what it changes")
+        lines += [f"{r.module + ':' + r.name:<{name_w}}  {r.status:<{status_w}}  {r.description}" for r in rows]
+    docs = env_docs(info.options, **dict(info.env_docs))
+    width = max(len(k) for k in docs)
+    lines += ["", "settings (environment variables):"] + [f"  {k:<{width}}  {v}" for k, v in docs.items()]
+    if info.thresholds:
+        lines += ["", info.thresholds]
+    return "\n".join(lines)
+
+
+def add_settings_flags(p: argparse.ArgumentParser, info: HostInfo) -> None:
+    """``--<flag>`` of every host option that has one (choices and help from the option)."""
+    for option in info.options:
+        if option.flag:
+            kwargs: dict[str, Any] = {"help": option.doc}
+            if option.choices is not None:
+                kwargs["choices"] = option.choices
+                kwargs["type"] = type(option.choices[0])
+            p.add_argument(option.flag, dest=f"opt_{option.name}", **kwargs)
+
+
+def add_host_group(subparsers: Any, info: HostInfo, steps: Callable[[Any], None]) -> argparse.ArgumentParser:
+    """Add ``lpcam <host>`` with ``--explain``, ``patch`` and the host's steps (``steps(sub)`` adds them)."""
+    hp = subparsers.add_parser(info.name, help=f"LPCAM for {info.title}",
+                               description=f"LPCAM for {info.title}: explicit steps, the patch, --explain.")
+    hp.add_argument("--explain", action="store_true", help="list the patches and settings of the import line")
+    hp.set_defaults(func=_cmd_group, info=info, parser=hp)
+    sub = hp.add_subparsers(dest="host_command", metavar="STEP")
+    pp = sub.add_parser("patch", help=f"add `import {info.module}` to HOST_DIR/{info.entry_script}")
+    pp.add_argument("host_dir", help=f"{info.title} checkout")
+    pp.add_argument("--revert", action="store_true", help="remove the line")
+    pp.add_argument("--check", action="store_true", help="only say what would change")
+    pp.set_defaults(func=_cmd_patch, info=info)
+    steps(sub)
+    return hp
+
+
+def _cmd_group(ns: argparse.Namespace) -> int:
+    if not ns.explain:
+        ns.parser.print_help()
+        return 2
+    sys.stdout.write(explain_text(ns.info) + "\n")
+    return 0
+
+
+def _cmd_patch(ns: argparse.Namespace) -> int:
+    status = patch_entry_script(ns.host_dir, ns.info, revert=ns.revert, check=ns.check)
+    sys.stdout.write(f"{Path(ns.host_dir) / ns.info.entry_script}: {status}\n")
+    return 0

@@ -1,0 +1,247 @@
+"""The hosts' CAM file formats: validated writers and readers (reading never runs code).
+
+* IRN family (IRN, ReCAM, official LPCAM, AMN): ``dict(keys=torch int64 [n],
+  cam=torch float32 [c, ceil(H/4), ceil(W/4)], high_res=numpy float32 [c, H, W])`` where ``keys``
+  are the 0-based foreground classes present in the image and ``c == n`` (IRN) or ``c == n + 1``
+  (AMN stage (b): channel 0 is a background map). ``cam`` must stay a torch tensor (IRN's
+  random-walk step calls ``.cuda()`` on it).
+* MCTformer: ``{class_index: (H, W) float map}``.
+
+Both are ``np.save`` of a dict (a pickle); they are read with :func:`lpcam_core.io.load_npy`, whose
+allow-list admits arrays, tensors and plain values only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .io import PathLike, atomic_save_npy, load_npy
+
+__all__ = [
+    "save_irn_cam",
+    "load_irn_cam",
+    "save_mctformer_cam",
+    "load_mctformer_cam",
+    "irn_writer",
+    "mctformer_writer",
+]
+
+
+# --------------------------------------------------------------------------- conversions
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _keys_to_tensor(keys: Any, where: str) -> torch.Tensor:
+    """Normalise class keys (torch, numpy or sequence of ints) to a 1-D CPU int64 tensor."""
+    arr = _to_numpy(keys)
+    if arr.ndim != 1:
+        raise ValueError(f"{where}: 'keys' must be 1-D [n], got shape {tuple(arr.shape)}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{where}: 'keys' must hold integers, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64, copy=False)
+    if arr.size and arr.min() < 0:
+        raise ValueError(f"{where}: 'keys' must be non-negative 0-based class indices, got {arr.tolist()}")
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _float_array(x: Any, name: str, where: str) -> np.ndarray:
+    arr = _to_numpy(x)
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"{where}: {name!r} must be a numeric array, got dtype {arr.dtype}")
+    return arr
+
+
+def _check_channels(c: int, n: int, name: str, where: str) -> None:
+    if c not in (n, n + 1):
+        raise ValueError(
+            f"{where}: {name!r} has {c} channels but 'keys' has {n} classes "
+            f"(expected {n}, or {n + 1} with a background channel 0 as AMN writes)"
+        )
+
+
+# --------------------------------------------------------------------------- IRN family
+
+
+def save_irn_cam(path: PathLike, keys: Any, cam: Any, high_res: Any, *, fsync: bool = True) -> Path:
+    """Save one image's CAMs in the IRN-family format, atomically.
+
+    Args:
+        path: destination ``<cam_out_dir>/<id>.npy``.
+        keys: [n] 0-based foreground classes present (torch/numpy/sequence of ints).
+        cam: [c, ceil(H/4), ceil(W/4)] stride-4 maps (torch or numpy; saved as torch float32),
+            or ``None`` to omit it (the evaluators read ``high_res`` only; IRN's random walk
+            needs ``cam``).
+        high_res: [c, H, W] full-resolution maps (torch or numpy; saved as numpy float32).
+            ``c == n``, or ``n + 1`` when channel 0 is a background map (AMN).
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        TypeError: non-integer keys or non-numeric maps.
+        ValueError: inconsistent shapes.
+    """
+    where = f"save_irn_cam({str(path)!r})"
+    keys_t = _keys_to_tensor(keys, where)
+    n = int(keys_t.numel())
+    hr = _float_array(high_res, "high_res", where)
+    if hr.ndim != 3:
+        raise ValueError(f"{where}: 'high_res' must be 3-D [c, H, W], got shape {tuple(hr.shape)}")
+    _check_channels(hr.shape[0], n, "high_res", where)
+    hr = np.ascontiguousarray(hr, dtype=np.float32)
+    out: dict[str, Any] = {"keys": keys_t}
+    if cam is not None:
+        cam_np = _float_array(cam, "cam", where)
+        height, width = hr.shape[1:]
+        expected = (hr.shape[0], math.ceil(height / 4), math.ceil(width / 4))
+        if tuple(cam_np.shape) != expected:
+            raise ValueError(
+                f"{where}: 'cam' must have shape [c, ceil(H/4), ceil(W/4)] = {expected} "
+                f"for high_res of shape {tuple(hr.shape)}, got {tuple(cam_np.shape)}"
+            )
+        out["cam"] = torch.from_numpy(np.ascontiguousarray(cam_np, dtype=np.float32))
+    out["high_res"] = hr
+    return atomic_save_npy(path, out, fsync=fsync)
+
+
+def _load_pickled_dict(path: PathLike, what: str, required: Iterable[Any]) -> dict[Any, Any]:
+    """:func:`load_npy` of a file that must hold a pickled dict, with errors that name the file."""
+    p = Path(path)
+    obj = load_npy(p, what=what)
+    if isinstance(obj, np.ndarray):
+        raise ValueError(f"{what} file {str(p)!r} holds an array of shape {obj.shape} and dtype {obj.dtype}, "
+                         "expected np.save of a dict")
+    if not isinstance(obj, dict):
+        raise ValueError(f"{what} file {str(p)!r} holds a pickled {type(obj).__name__}, expected a dict")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise ValueError(
+            f"{what} file {str(p)!r} lacks entr{'y' if len(missing) == 1 else 'ies'} "
+            f"{missing}; it has {sorted(map(str, obj))}"
+        )
+    return obj
+
+
+def load_irn_cam(path: PathLike) -> dict[str, Any]:
+    """Load an IRN-family CAM file and normalise its types.
+
+    Reads with :func:`load_npy` (no code in the file runs). Numpy ``keys`` (official LPCAM
+    release) are accepted.
+
+    Returns:
+        dict with ``keys`` (torch int64 [n]), ``high_res`` (numpy float32 [c, H, W], c = n or
+        n + 1), and ``cam`` (torch float32 [c, h, w]) when the file has it. Other entries are
+        passed through unchanged.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: truncated or foreign file, not a dict, missing ``keys``/``high_res``, or
+            inconsistent shapes; the message names the file.
+    """
+    where = f"IRN CAM file {str(path)!r}"
+    obj = _load_pickled_dict(path, "IRN CAM", ("keys", "high_res"))
+    try:
+        keys = _keys_to_tensor(obj["keys"], where)
+        hr = _float_array(obj["high_res"], "high_res", where)
+        if hr.ndim != 3:
+            raise ValueError(f"{where}: 'high_res' must be 3-D [c, H, W], got shape {tuple(hr.shape)}")
+        _check_channels(hr.shape[0], int(keys.numel()), "high_res", where)
+        out = dict(obj)
+        out["keys"] = keys
+        out["high_res"] = np.ascontiguousarray(hr, dtype=np.float32)
+        if obj.get("cam") is not None:
+            cam = _float_array(obj["cam"], "cam", where)
+            if cam.ndim != 3 or cam.shape[0] != hr.shape[0]:
+                raise ValueError(
+                    f"{where}: 'cam' must be 3-D [c, h, w] with c = {hr.shape[0]} like high_res, "
+                    f"got shape {tuple(cam.shape)}"
+                )
+            out["cam"] = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))
+    except TypeError as e:
+        raise ValueError(str(e)) from e
+    return out
+
+
+# --------------------------------------------------------------------------- MCTformer
+
+
+def _class_index(k: Any, where: str) -> int:
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"{where}: class keys must be integers, got {k!r} ({type(k).__name__})")
+    if k < 0:
+        raise ValueError(f"{where}: class keys must be non-negative, got {k}")
+    return int(k)
+
+
+def _check_mct_maps(maps: Mapping[Any, Any], where: str) -> dict[int, np.ndarray]:
+    out: dict[int, np.ndarray] = {}
+    shape: tuple[int, ...] | None = None
+    for k, v in maps.items():
+        idx = _class_index(k, where)
+        arr = _float_array(v, f"map of class {idx}", where)
+        if arr.ndim != 2:
+            raise ValueError(f"{where}: map of class {idx} must be 2-D (H, W), got shape {tuple(arr.shape)}")
+        if shape is not None and arr.shape != shape:
+            raise ValueError(f"{where}: map of class {idx} has shape {arr.shape}, other maps have {shape}")
+        shape = arr.shape
+        out[idx] = arr
+    return out
+
+
+def save_mctformer_cam(path: PathLike, maps: Mapping[int, Any], *, fsync: bool = True) -> Path:
+    """Save MCTformer's ``{class_index: (H, W) float map}`` dict atomically.
+
+    Args:
+        path: destination ``<cam_npy_dir>/<id>.npy``.
+        maps: 0-based class index -> (H, W) map (numpy or torch; float dtype kept, torch
+            converted to numpy). All maps must share one shape.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    where = f"save_mctformer_cam({str(path)!r})"
+    if not isinstance(maps, Mapping):
+        raise TypeError(f"{where}: maps must be a dict {{class_index: (H, W) map}}, got {type(maps).__name__}")
+    clean = {k: np.ascontiguousarray(v) for k, v in _check_mct_maps(maps, where).items()}
+    return atomic_save_npy(path, clean, fsync=fsync)
+
+
+def load_mctformer_cam(path: PathLike) -> dict[int, np.ndarray]:
+    """Load an MCTformer CAM file (a pickled dict, read with :func:`load_npy`).
+
+    Returns:
+        ``{class_index: (H, W) numpy map}`` with ``int`` keys; dtypes as stored.
+
+    Raises:
+        FileNotFoundError: missing file. ValueError: truncated/foreign file or bad entries.
+    """
+    where = f"MCTformer CAM file {str(path)!r}"
+    obj = _load_pickled_dict(path, "MCTformer CAM", ())
+    try:
+        return _check_mct_maps(obj, where)
+    except TypeError as e:
+        raise ValueError(str(e)) from e
+
+
+# --------------------------------------------------------------------------- writers for the map loop
+
+
+def irn_writer(path: Path, record: Mapping[str, Any]) -> None:
+    """Write a ``{keys, cam, high_res}`` record (``lpcam_multiscale``'s output) in the IRN format, atomically."""
+    save_irn_cam(path, record["keys"], record.get("cam"), record["high_res"], fsync=False)
+
+
+def mctformer_writer(path: Path, record: Mapping[int, Any]) -> None:
+    """Write MCTformer's ``{class_index: (H, W) map}`` dict, atomically."""
+    save_mctformer_cam(path, record, fsync=False)
