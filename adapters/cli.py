@@ -33,6 +33,8 @@ __all__ = [
     "check_checkout",
     "explain_text",
     "add_settings_flags",
+    "settings_env",
+    "SETTINGS_FLAGS",
     "IMPORT_LINE",
 ]
 
@@ -156,8 +158,22 @@ def explain_text(info: HostInfo) -> str:
     return "\n".join(lines)
 
 
+#: Flags every host step accepts for the core settings: (flag, variable it sets, type, help).
+SETTINGS_FLAGS = (
+    ("--config", "LPCAM_CONFIG", str, "YAML of LPCAM settings (as LPCAM_CONFIG)"),
+    ("--preset", "LPCAM_PRESET", str, "the paper's hyper-parameters: voc or coco"),
+    ("--k", "LPCAM_K", int, "clusters per pool (K)"),
+    ("--tau", "LPCAM_TAU", float, "CAM threshold splitting class and context pools (tau)"),
+    ("--mu", "LPCAM_MU", float, "mu_f and mu_b"),
+    ("--seed", "LPCAM_SEED", int, "seed of K-means and pool sampling"),
+    ("--memory-gb", "LPCAM_MEMORY_GB", float, "memory budget of the feature pools, GiB"),
+)
+
+
 def add_settings_flags(p: argparse.ArgumentParser, info: HostInfo) -> None:
-    """``--<flag>`` of every host option that has one (choices and help from the option)."""
+    """The core settings' flags (:data:`SETTINGS_FLAGS`) and a ``--<flag>`` for every host option that has one."""
+    for flag, _, kind, text in SETTINGS_FLAGS:
+        p.add_argument(flag, type=kind, help=text, **({"choices": ("voc", "coco")} if flag == "--preset" else {}))
     for option in info.options:
         if option.flag:
             kwargs: dict[str, Any] = {"help": option.doc}
@@ -165,6 +181,20 @@ def add_settings_flags(p: argparse.ArgumentParser, info: HostInfo) -> None:
                 kwargs["choices"] = option.choices
                 kwargs["type"] = type(option.choices[0])
             p.add_argument(option.flag, dest=f"opt_{option.name}", **kwargs)
+
+
+def settings_env(ns: argparse.Namespace, info: HostInfo) -> dict[str, str]:
+    """The ``LPCAM_*`` variables a step's flags set (``--config`` made absolute; host options by their variable)."""
+    env = {}
+    for flag, var, _, _ in SETTINGS_FLAGS:
+        value = getattr(ns, flag[2:].replace("-", "_"), None)
+        if value is not None:
+            env[var] = os.path.abspath(value) if var == "LPCAM_CONFIG" else str(value)
+    for option in info.options:
+        value = getattr(ns, f"opt_{option.name}", None)
+        if value is not None:
+            env[option.env] = str(value)
+    return env
 
 
 def add_host_group(subparsers: Any, info: HostInfo, steps: Callable[[Any], None]) -> argparse.ArgumentParser:

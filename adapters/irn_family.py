@@ -476,21 +476,17 @@ def in_host(host_dir: str) -> Any:
 
 
 def cli_settings(ns: Any, info: base.HostInfo) -> HostSettings:
-    """The host's settings from the environment (``--config`` as ``LPCAM_CONFIG``) and the step's flags."""
+    """The host's settings from the environment and the step's flags (which win)."""
+    from .cli import settings_env
     from .settings import read_settings
 
-    env = dict(os.environ)
-    if getattr(ns, "config", None):
-        env["LPCAM_CONFIG"] = os.path.abspath(ns.config)
-    settings = read_settings(info.options, env, section=info.section)
+    settings = read_settings(info.options, {**os.environ, **settings_env(ns, info)}, section=info.section)
     changes: dict[str, Any] = {"enabled": True}
     for name in ("workers", "device", "baseline_dir"):
         if getattr(ns, name, None) is not None:
             changes[name] = getattr(ns, name)
     if getattr(ns, "rebuild", False):
         changes["rebuild_bank"] = True
-    changes["options"] = {o.name: getattr(ns, f"opt_{o.name}") for o in info.options
-                          if getattr(ns, f"opt_{o.name}", None) is not None}
     return settings.replace(**changes)
 
 
@@ -599,7 +595,6 @@ def add_steps(sub: Any, info: base.HostInfo, plan: Any, *, weights_help: str, ne
         p.add_argument("--bank", required=bank_required, help=bank_help)
         p.add_argument("--network", default=network, help=f"host network module (default {network})")
         p.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.5, 1.5, 2.0], help="inference scales")
-        p.add_argument("--config", help="YAML of LPCAM settings (as LPCAM_CONFIG)")
         p.add_argument("--workers", type=int, help="spawned processes (default: one per GPU; 0: in-process); "
                        "not with torchrun, which launches the processes itself")
         p.add_argument("--device", help="device (default: cuda:<rank> when there are GPUs, else cpu)")

@@ -638,6 +638,21 @@ def _ids(path: str) -> list[str]:
     return ids
 
 
+@contextlib.contextmanager
+def _host_dataset(args: Any, ids: Sequence[str], **changes: Any) -> Iterator[tuple[Any, Any]]:
+    """The host's generation dataset (``datasets.build_dataset``) over ``ids``, and the args that made it
+    (``args`` with ``changes`` and an id list of its own)."""
+    datasets = _host_module("datasets", "build_dataset")
+    with tempfile.TemporaryDirectory(prefix="lpcam_mct_") as tmp:
+        _write_lists(tmp, ids)
+        d_args = copy.copy(args)
+        d_args.img_list = tmp
+        for key, value in changes.items():
+            setattr(d_args, key, value)
+        dataset, _ = datasets.build_dataset(is_train=False, gen_attn=True, args=d_args)
+        yield dataset, d_args
+
+
 def _write_lists(folder: str, ids: Sequence[str]) -> None:
     text = "".join(f"{i}\n" for i in ids)
     for name in ("train_aug_id.txt", "train_id.txt", "val_id.txt"):
@@ -665,16 +680,8 @@ def baseline_pass(original: Callable[..., Any], model: nn.Module, device: Any, a
     logger.info("baseline maps of %d prototype images (%d already in %s)", len(todo), len(ids) - len(todo), out_dir)
     if not todo:
         return
-    datasets = _host_module("datasets", "build_dataset")
     os.makedirs(out_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="lpcam_mct_") as tmp:
-        _write_lists(tmp, todo)
-        b_args = copy.copy(args)
-        b_args.img_list = tmp
-        b_args.cam_npy_dir = out_dir
-        b_args.attention_dir = None
-        b_args.visualize_cls_attn = True
-        dataset, _ = datasets.build_dataset(is_train=False, gen_attn=True, args=b_args)
+    with _host_dataset(args, todo, cam_npy_dir=out_dir, attention_dir=None, visualize_cls_attn=True) as (dataset, b_args):
         original(_loader(dataset, args), model, device, b_args)
 
 
@@ -697,12 +704,7 @@ def prototype_picks(args: Any, ids: Sequence[str], settings: HostSettings,
         return [(None, i) for i in ids]
     from lpcam_core.prototypes import sample_images_per_class
 
-    datasets = _host_module("datasets", "build_dataset")
-    with tempfile.TemporaryDirectory(prefix="lpcam_mct_") as tmp:
-        _write_lists(tmp, ids)
-        l_args = copy.copy(args)
-        l_args.img_list = tmp
-        dataset, _ = datasets.build_dataset(is_train=False, gen_attn=True, args=l_args)
+    with _host_dataset(args, ids) as (dataset, _):
         labels = {ids[n]: torch.nonzero(torch.as_tensor(np.asarray(dataset.label_list[n])))[:, 0].tolist()
                   for n in range(len(ids))}
     return [(int(c), str(i)) for c, i in sample_images_per_class(labels, cfg.images_per_class, cfg.seed, num_classes)]
@@ -729,18 +731,12 @@ def build_bank(model: nn.Module, device: Any, args: Any, picks: Sequence[tuple[i
     from lpcam_core.classifier import LinearScorer
     from lpcam_core.formats import load_mctformer_cam
 
-    datasets = _host_module("datasets", "build_dataset")
     weight, bias = score_weight(model, settings.option("head"))
     unique = list(dict.fromkeys(i for _, i in picks))
     plan = [run.ClusterItem(i, None if c is None else (c,)) for c, i in picks]
     dev = torch.device(device)
     was_training = model.training
-    with tempfile.TemporaryDirectory(prefix="lpcam_mct_") as tmp:
-        _write_lists(tmp, unique)
-        f_args = copy.copy(args)
-        f_args.img_list = tmp
-        f_args.scales = [1.0]
-        dataset, _ = datasets.build_dataset(is_train=False, gen_attn=True, args=f_args)
+    with _host_dataset(args, unique, scales=[1.0]) as (dataset, _):
 
         def load(image_id: str) -> tuple[Any, Any, list[int]]:
             img, _label = feed(image_id)
@@ -933,19 +929,16 @@ def main_args(rest: list[str]) -> list[str]:
     return argv
 
 
-_FLAG_VARS = (("bank", "LPCAM_BANK"), ("config", "LPCAM_CONFIG"), ("preset", "LPCAM_PRESET"), ("tau", "LPCAM_TAU"),
-              ("k", "LPCAM_K"), ("mu", "LPCAM_MU"), ("seed", "LPCAM_SEED"), ("memory_gb", "LPCAM_MEMORY_GB"),
-              ("opt_head", "LPCAM_HEAD"), ("proto_list", "LPCAM_PROTO_LIST"), ("baseline_dir", "LPCAM_BASELINE_DIR"),
-              ("flip", "LPCAM_FLIP"))
-
-
 def _run_steps(ns: argparse.Namespace, env: dict[str, str]) -> int:
     from lpcam_core import run
 
-    for option, var in _FLAG_VARS:
-        value = getattr(ns, option, None)
-        if value is not None:
-            env.setdefault(var, str(value))
+    from .cli import settings_env
+
+    env = {**settings_env(ns, INFO), **env}
+    for option, var in (("bank", "LPCAM_BANK"), ("proto_list", "LPCAM_PROTO_LIST"), ("baseline_dir", "LPCAM_BASELINE_DIR"),
+                        ("flip", "LPCAM_FLIP")):
+        if getattr(ns, option, None) is not None:
+            env[var] = str(getattr(ns, option))
     if getattr(ns, "rebuild", False):
         env["LPCAM_REBUILD_BANK"] = "1"
     if run.launched_by_torchrun():
@@ -976,13 +969,6 @@ def _steps(sub: Any) -> None:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--host", required=True, help="MCTformer checkout (its main.py runs unmodified)")
         p.add_argument("--bank", help="prototype bank file (default <checkpoint>.lpcam_bank.pt)")
-        p.add_argument("--config", help="YAML settings (LPCAMConfig keys; adapter keys under `adapter:`)")
-        p.add_argument("--preset", choices=("voc", "coco"), help="the paper's hyper-parameters (default from --data-set)")
-        p.add_argument("--tau", type=float, help="threshold on the min-max normalised baseline maps")
-        p.add_argument("--k", type=int, help="clusters per pool")
-        p.add_argument("--mu", type=float, help="mu_f and mu_b")
-        p.add_argument("--seed", type=int)
-        p.add_argument("--memory-gb", type=float, help="memory budget of the feature pools")
         p.add_argument("--proto-list", help="ids clustered for prototypes (default <img-list>/train_id.txt)")
         p.add_argument("--baseline-dir", help="baseline maps of the prototype list (default <cam-npy-dir>_baseline)")
         p.add_argument("--rebuild", action="store_true", help="rebuild the bank even when a matching one exists")

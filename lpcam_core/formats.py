@@ -24,6 +24,7 @@ import torch
 from .io import PathLike, atomic_save_npy, load_npy
 
 __all__ = [
+    "class_keys",
     "save_irn_cam",
     "load_irn_cam",
     "save_mctformer_cam",
@@ -42,8 +43,12 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _keys_to_tensor(keys: Any, where: str) -> torch.Tensor:
-    """Normalise class keys (torch, numpy or sequence of ints) to a 1-D CPU int64 tensor."""
+def class_keys(keys: Any, where: str) -> np.ndarray:
+    """Class keys (torch, numpy or a sequence of ints) as a 1-D int64 array of 0-based class indices.
+
+    Raises:
+        ValueError: not 1-D, or a negative index. TypeError: not integers. Messages start with ``where``.
+    """
     arr = _to_numpy(keys)
     if arr.ndim != 1:
         raise ValueError(f"{where}: 'keys' must be 1-D [n], got shape {tuple(arr.shape)}")
@@ -52,7 +57,11 @@ def _keys_to_tensor(keys: Any, where: str) -> torch.Tensor:
     arr = arr.astype(np.int64, copy=False)
     if arr.size and arr.min() < 0:
         raise ValueError(f"{where}: 'keys' must be non-negative 0-based class indices, got {arr.tolist()}")
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    return arr
+
+
+def _keys_to_tensor(keys: Any, where: str) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(class_keys(keys, where)))
 
 
 def _float_array(x: Any, name: str, where: str) -> np.ndarray:

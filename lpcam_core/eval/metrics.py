@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..formats import load_irn_cam
+from ..formats import class_keys, load_irn_cam
 from ..io import load_label_png
 
 __all__ = [
@@ -377,14 +377,7 @@ def _decompose(keys: Any, high_res: Any, background: str, where: str) -> tuple[n
         foreground; for ``"channel0"`` the final label).
     """
     _check_background(background)
-    k = _to_numpy(keys)
-    if k.ndim != 1:
-        raise ValueError(f"{where}: keys must be 1-D [n], got shape {k.shape}")
-    if k.size and not np.issubdtype(k.dtype, np.integer):
-        raise TypeError(f"{where}: keys must be integers, got dtype {k.dtype}")
-    k = k.astype(np.int64, copy=False)
-    if k.size and k.min() < 0:
-        raise ValueError(f"{where}: keys must be non-negative 0-based class indices, got {k.tolist()}")
+    k = class_keys(keys, where)
     hr = _to_numpy(high_res)
     if hr.ndim != 3:
         raise ValueError(f"{where}: high_res must be 3-D [c, H, W], got shape {hr.shape}")

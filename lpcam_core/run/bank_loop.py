@@ -258,15 +258,9 @@ def build_prototypes(
     num_classes: int,
     classifier: torch.Tensor | Scorer,
     *,
-    config: LPCAMConfig | None = None,
-    bias: torch.Tensor | None = None,
-    out_path: PathLike | None = None,
-    class_names: Sequence[str] | None = None,
-    device: torch.device | str | None = None,
     strided: bool = True,
     progress: bool | None = None,
-    meta: Mapping[str, Any] | None = None,
-    record_pool_peak: bool = False,
+    **options: Any,
 ) -> PrototypeBank:
     """Collective: the prototype bank of ``plan``, sharded over the processes (one process works as well).
 
@@ -274,9 +268,11 @@ def build_prototypes(
         plan: the stream (:func:`clustering_plan`; plain ids mean every class present), the same on
             every process. Item ``i`` is added with ``index=i``, so the bank does not depend on the sharding.
         load: ``image_id -> (features [C, h, w], cams [n, H, W], keys [n])``.
+        num_classes, classifier: as for :func:`stream_prototypes`.
         strided: how ``plan`` is sharded (:func:`~lpcam_core.run.context.shard_indices`).
         progress: progress bar on rank 0 (default: when stderr is a terminal).
-        Other arguments: as for :func:`stream_prototypes`.
+        options: ``config``, ``bias``, ``out_path``, ``class_names``, ``device``, ``meta``,
+            ``record_pool_peak``, as for :func:`stream_prototypes`.
 
     Example:
         >>> cfg = LPCAMConfig.preset("coco")
@@ -299,9 +295,7 @@ def build_prototypes(
                 cams, keys = select_classes(cams, keys, item.classes, image_id=item.image_id)
             yield index, (features, cams, keys)
 
-    return stream_prototypes(stream(), num_classes, classifier, config=config, bias=bias, out_path=out_path,
-                             class_names=class_names, device=device, progress=show, meta=meta,
-                             record_pool_peak=record_pool_peak)
+    return stream_prototypes(stream(), num_classes, classifier, progress=show, **options)
 
 
 # --------------------------------------------------------------------------- reuse
