@@ -121,6 +121,7 @@ INFO = HostInfo(
     module=__name__,
     entry_script="run_sample.py",
     signature={**irn_family.SIGNATURE, "step/make_amn_cam.py": "def _work"},
+    foreign={"step/make_recam.py": "recam"},
     options=OPTIONS,
     section="amn",
     env_docs={"LPCAM_BANK": "stage-(a) bank (default <dirname(cam_out_dir)>/lpcam_bank.pt)",

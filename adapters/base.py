@@ -58,6 +58,8 @@ class HostInfo:
         entry_script: the host script that gets the import line (``run_sample.py``, ``main.py``).
         signature: ``{relative path: text}`` every checkout of this host holds (how ``patch`` tells it
             from another project's script of the same name).
+        foreign: ``{relative path: host}`` files whose presence says the checkout is that other host's
+            (an AMN checkout holds IRN's files too).
         options: the host's own settings (:class:`~lpcam_adapters.settings.Option`).
         section: the YAML section of those settings (``adapter``, ``amn``).
         env_docs: documentation overrides of the common variables.
@@ -69,6 +71,7 @@ class HostInfo:
     module: str
     entry_script: str
     signature: Mapping[str, str]
+    foreign: Mapping[str, str] = field(default_factory=dict)
     options: tuple[Option, ...] = ()
     section: str = "adapter"
     env_docs: Mapping[str, str] = field(default_factory=dict)
@@ -159,6 +162,9 @@ def fill_baselines(host: Host, data: Datasets, baseline_dir: str | None, fingerp
 
     if baseline_dir is None:
         return None
+    from lpcam_core.io import check_output_dir
+
+    check_output_dir(baseline_dir, read_dirs=reads)  # before the record is written there
     run.raise_on_all_ranks(lambda: run.check_baseline_record(baseline_dir, fingerprint))
     run.barrier()
     return run.write_maps(data.proto_ids, host.baseline, baseline_dir, host.write, mode="fill", reads=reads,

@@ -73,6 +73,9 @@ def check_checkout(host_dir: str | os.PathLike, info: HostInfo) -> Path:
             found = False
         if not found:
             raise ValueError(f"{root} is not a {info.title} checkout: {rel} does not contain {text!r}")
+    for rel, other in info.foreign.items():
+        if (root / rel).exists():
+            raise ValueError(f"{root} is a checkout of another host ({other}: it has {rel}); use `lpcam {other} patch`")
     return root
 
 
@@ -217,6 +220,9 @@ def _cmd_group(ns: argparse.Namespace) -> int:
     if not ns.explain:
         ns.parser.print_help()
         return 2
+    from .settings import read_settings
+
+    read_settings(ns.info.options, section=ns.info.section)  # the settings it would read: refused if malformed
     sys.stdout.write(explain_text(ns.info) + "\n")
     return 0
 

@@ -208,12 +208,22 @@ def voc_datasets(map_list: str | None, proto_list: str | None, voc12_root: str, 
 
     loader = importlib.import_module("voc12.dataloader")
     data = base.Datasets(loader_workers=loader_workers)
+
+    def dataset(cls: Any, image_list: str, **kwargs: Any) -> Any:
+        if not os.path.isfile(image_list):
+            raise FileNotFoundError(f"image list not found: {image_list} (relative to the host root {os.getcwd()})")
+        try:
+            return cls(image_list, voc12_root=voc12_root, **kwargs)
+        except KeyError as err:  # the host's label lookup of an id that voc12/cls_labels.npy lacks
+            raise ValueError(f"{image_list}: image {loader.decode_int_filename(err.args[0])} has no labels in "
+                             "voc12/cls_labels.npy") from None
+
     if map_list is not None:
-        data.maps = loader.VOC12ClassificationDatasetMSF(map_list, voc12_root=voc12_root, scales=tuple(scales))
+        data.maps = dataset(loader.VOC12ClassificationDatasetMSF, map_list, scales=tuple(scales))
         data.map_ids = image_ids(data.maps)
     if proto_list is not None:
-        data.proto = loader.VOC12ClassificationDatasetMSF(proto_list, voc12_root=voc12_root, scales=tuple(scales))
-        data.pool = loader.VOC12ClassificationDataset(proto_list, voc12_root=voc12_root)
+        data.proto = dataset(loader.VOC12ClassificationDatasetMSF, proto_list, scales=tuple(scales))
+        data.pool = dataset(loader.VOC12ClassificationDataset, proto_list)
         data.proto_ids = image_ids(data.pool)
         data.labels = {name: torch.nonzero(torch.as_tensor(data.pool.label_list[i]))[:, 0].tolist()
                        for i, name in enumerate(data.proto_ids)}

@@ -45,6 +45,7 @@ INFO = HostInfo(
     module=__name__,
     entry_script="run_sample.py",
     signature={**irn_family.SIGNATURE, "step/make_recam.py": "def _work"},
+    foreign={"step/make_amn_cam.py": "amn"},
     options=OPTIONS,
     env_docs={"LPCAM_BANK": "prototype bank file (default <work_space>/lpcam_bank.pt, _recam.pt for make_recam)",
               "LPCAM_BASELINE_DIR": "baseline CAM directory (default <cam_out_dir>_baseline, _recam_baseline)"},

@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from lpcam_core.config import short_repr
+
 __all__ = [
     "TRUE",
     "FALSE",
@@ -79,20 +81,20 @@ def parse_bool(value: Any, name: str) -> bool:
         return True
     if text in FALSE:
         return False
-    raise ValueError(f"{name}={value!r}: expected 1/0, true/false, on/off")
+    raise ValueError(f"{name}={short_repr(value)}: expected 1/0, true/false, on/off")
 
 
 def parse_number(value: Any, kind: type, name: str) -> Any:
     """``kind(value)`` (int or float), finite; ``ValueError`` naming ``name`` and the kind expected otherwise."""
     expected = "an integer" if kind is int else "a finite number"
     if isinstance(value, bool):
-        raise ValueError(f"{name}={value!r}: expected {expected}")
+        raise ValueError(f"{name}={short_repr(value)}: expected {expected}")
     try:
         number = kind(value.strip() if isinstance(value, str) else value)
     except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"{name}={value!r}: expected {expected}") from None
+        raise ValueError(f"{name}={short_repr(value)}: expected {expected}") from None
     if kind is float and not math.isfinite(number):
-        raise ValueError(f"{name}={value!r}: expected {expected}")
+        raise ValueError(f"{name}={short_repr(value)}: expected {expected}")
     return number
 
 
@@ -129,11 +131,11 @@ class Option:
         try:
             value = self.parse(raw) if self.parse is not None else raw
         except ValueError as err:
-            raise ValueError(f"{where}={raw!r}: {err}") from None
+            raise ValueError(f"{where}={short_repr(raw)}: {err}") from None
         if isinstance(value, str) and self.choices and all(isinstance(c, str) for c in self.choices):
             value = value.strip().lower()
         if self.choices is not None and value not in self.choices:
-            raise ValueError(f"{where}={raw!r}: expected one of {list(self.choices)}")
+            raise ValueError(f"{where}={short_repr(raw)}: expected one of {list(self.choices)}")
         return value
 
 

@@ -260,7 +260,7 @@ def cosine_inertia(x: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,
 def bench_kmeans(args, device: torch.device) -> dict:
     from sklearn.cluster import KMeans
 
-    from lpcam_core.kmeans import _chunk_rows, kmeans
+    from lpcam_core.clustering import chunk_rows, kmeans
 
     n, dim, k = args.kmeans_n, 2048, 12
     x_cpu = kmeans_rows(n, dim, k)
@@ -308,7 +308,7 @@ def bench_kmeans(args, device: torch.device) -> dict:
                 mem_sk = max(mem_sk, peak.delta)
             del res
     inertia_ours, inertia_sk = min(i_ours), min(i_sk)  # best of the seeds: n_init=len(seeds) for both
-    chunk = _chunk_rows(n, dim)
+    chunk = chunk_rows(n, dim)
     ours_model = n * (8 + 4 + 4 + 4) + 4 * k * dim * 4 + chunk * k * 4 * 2 + (chunk * dim * 4 if x_dev.dtype != torch.float32 else 0)
     return {
         "n": n,

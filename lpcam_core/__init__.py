@@ -17,8 +17,8 @@ from typing import Any
 from .version import __version__
 
 _EXPORTS = {
-    "kmeans": "kmeans",
-    "KMeansResult": "kmeans",
+    "kmeans": "clustering",
+    "KMeansResult": "clustering",
     "select_prototypes": "prototypes",
     "PrototypeBuilder": "prototypes",
     "PrototypeBank": "bank",

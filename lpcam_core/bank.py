@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .classifier import as_linear_weight, classifier_fingerprint
+from .config import short_repr
 from .version import __version__
 
 __all__ = ["PrototypeBank", "BankError", "classifier_fingerprint"]
@@ -23,6 +24,8 @@ __all__ = ["PrototypeBank", "BankError", "classifier_fingerprint"]
 logger = logging.getLogger(__name__)
 
 FORMAT = "lpcam-prototype-bank"
+#: The most classes a bank may declare (ImageNet-21k has 21,841); a file claiming more is refused.
+MAX_CLASSES = 100_000
 FORMAT_VERSION = 1
 
 
@@ -69,11 +72,18 @@ class PrototypeBank:
             raise BankError(f"PrototypeBank: context prototypes for classes {stray} that have no class prototype")
         self.context = {key: context.get(key, torch.empty(0, dim)).reshape(-1, dim) for key in self.foreground}
         declared_dim = self.meta.setdefault("feature_dim", dim)
-        if int(declared_dim) != dim:
-            raise BankError(f"PrototypeBank: meta feature_dim={declared_dim} but prototypes have {dim} channels")
-        num_classes = int(self.meta.setdefault("num_classes", max(self.foreground) + 1))
+        if not _is_int(declared_dim) or int(declared_dim) != dim:
+            raise BankError(f"PrototypeBank: meta feature_dim={short_repr(declared_dim)} but prototypes have {dim} channels")
+        num_classes = self.meta.setdefault("num_classes", max(self.foreground) + 1)
+        if not _is_int(num_classes) or not 0 < num_classes <= MAX_CLASSES:
+            raise BankError(f"PrototypeBank: meta num_classes={short_repr(num_classes)}: expected an int in 1..{MAX_CLASSES}")
         if max(self.foreground) >= num_classes or min(self.foreground) < 0:
-            raise BankError(f"PrototypeBank: class indices {list(self.foreground)} outside 0..{num_classes - 1}")
+            raise BankError(f"PrototypeBank: class indices {short_repr(list(self.foreground))} outside 0..{num_classes - 1}")
+        names = self.meta.get("class_names")
+        if names is not None and (not isinstance(names, (list, tuple)) or len(names) != int(num_classes)
+                                  or not all(isinstance(n, str) and len(n) <= 256 for n in names)):
+            raise BankError(f"PrototypeBank: meta class_names must be {int(num_classes)} names of at most 256 "
+                            f"characters, got {short_repr(names)}")
         self._stack_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.library_version: str | None = None  # of the lpcam that saved the file (set by load)
 
@@ -140,9 +150,9 @@ class PrototypeBank:
         return result
 
     def summary(self) -> list[dict[str, Any]]:
-        """One row per class: index, name, class and context prototype counts, features seen."""
+        """One row per class (at most :data:`MAX_CLASSES`): index, name, prototype counts, features seen."""
         names = self.meta.get("class_names") or []
-        seen = self.meta.get("features_seen") or {}
+        seen = self.meta.get("features_seen") if isinstance(self.meta.get("features_seen"), dict) else {}
         out = []
         for c in range(self.num_classes):
             out.append(
@@ -151,8 +161,8 @@ class PrototypeBank:
                     "name": names[c] if c < len(names) else "",
                     "class_prototypes": int(self.foreground[c].shape[0]) if c in self.foreground else 0,
                     "context_prototypes": int(self.context[c].shape[0]) if c in self.context else 0,
-                    "class_features_seen": int(seen.get(f"class/{c}", 0)),
-                    "context_features_seen": int(seen.get(f"context/{c}", 0)),
+                    "class_features_seen": _count(seen.get(f"class/{c}", 0)),
+                    "context_features_seen": _count(seen.get(f"context/{c}", 0)),
                 }
             )
         return out
@@ -208,8 +218,10 @@ class PrototypeBank:
             BankError: a truncated or foreign file, or a bank that does not fit.
         """
         path = os.fspath(path)
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise FileNotFoundError(f"prototype bank not found: {path}")
+        if not os.path.isfile(path):
+            raise BankError(f"{path}: not a regular file (a directory, FIFO or device); expected a prototype bank file")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except (PermissionError, IsADirectoryError):
@@ -265,6 +277,14 @@ class PrototypeBank:
                     f"{source}: built with another classifier (fingerprint {expected}, this model's is {got}); "
                     "rebuild the bank for this checkpoint"
                 )
+
+
+def _count(value: Any) -> int:
+    return int(value) if _is_int(value) else 0
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _as_prototypes(value: Any, name: str, allow_empty: bool = False) -> torch.Tensor:

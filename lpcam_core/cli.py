@@ -27,19 +27,21 @@ VOC_CLASSES = (
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from .bank import PrototypeBank
+    from .config import short_repr
 
     bank = PrototypeBank.load(args.bank)
     meta = bank.meta
     print(f"{args.bank}: {bank!r}")
-    print(f"  library version {bank.library_version or '?'}, classifier fingerprint {meta.get('classifier_fingerprint')}")
-    cfg = meta.get("config") or {}
+    print(f"  library version {bank.library_version or '?'}, classifier fingerprint "
+          f"{short_repr(meta.get('classifier_fingerprint'), 40)}")
+    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     if cfg:
         print(
             "  K={num_clusters} tau={fg_threshold} mu_f={class_threshold} context=({context_low}, {context_high}) "
-            "seed={seed}".format(**{k: cfg.get(k, "?") for k in
+            "seed={seed}".format(**{k: short_repr(cfg.get(k, "?"), 40) for k in
                                    ("num_clusters", "fg_threshold", "class_threshold", "context_low", "context_high", "seed")})
         )
-    print(f"  images seen: {meta.get('images_seen', '?')}")
+    print(f"  images seen: {short_repr(meta.get('images_seen', '?'), 40)}")
     print()
     print("| class | name | class prototypes | context prototypes | class features seen | context features seen |")
     print("|---:|---|---:|---:|---:|---:|")
@@ -55,11 +57,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .eval import metrics
     from .io import read_id_list
 
+    if not 2 <= args.num_classes <= 100_000:
+        raise ValueError(f"--num-classes {args.num_classes}: expected 2..100000 (classes including background)")
     ids = read_id_list(args.list)
     names = list(VOC_CLASSES) if args.num_classes == 21 else [str(i) for i in range(args.num_classes)]
     if args.sweep:
-        thresholds = [round(args.sweep_start + i * args.sweep_step, 6)
-                      for i in range(int(round((args.sweep_stop - args.sweep_start) / args.sweep_step)) + 1)]
+        start, stop, step = args.sweep_start, args.sweep_stop, args.sweep_step
+        if not (0 <= start <= stop <= 1 and step > 0):
+            raise ValueError(f"--sweep-start {start} --sweep-stop {stop} --sweep-step {step}: expected "
+                             "0 <= start <= stop <= 1 and step > 0")
+        count = int(round((stop - start) / step)) + 1
+        if count > 1000:
+            raise ValueError(f"--sweep-step {step}: {count} thresholds; at most 1000 (a larger step)")
+        thresholds = [round(start + i * step, 6) for i in range(count)]
         best, curve = metrics.sweep_thresholds(args.cams, args.gt, ids, thresholds, num_classes=args.num_classes,
                                                background=args.background)
         print("| threshold | mIoU (%) |")
@@ -155,8 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         parser = build_parser(argv)
-    except (FileNotFoundError, ValueError, TypeError) as err:  # a host's settings, checked as it loads
-        sys.stderr.write(f"lpcam: error: {err}\n")
+    except (ValueError, TypeError, OSError) as err:  # a host's settings, checked as it loads
+        sys.stderr.write(f"lpcam: error: {describe_error(err)}\n")
         return 2
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)
@@ -166,11 +176,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, TypeError) as err:
+    except (ValueError, TypeError, OSError) as err:  # OSError: missing, unreadable or read-only paths, full disk
         if args.verbose >= 2:
             raise
-        parser.exit(2, f"lpcam {args.command}: error: {err}\n")
+        parser.exit(2, f"lpcam {args.command}: error: {describe_error(err)}\n")
     return 0
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for a failure: the message, or for an OS error what failed and on which path."""
+    if isinstance(err, OSError) and err.strerror:  # raised by the OS: what failed, on which path
+        where = f": {err.filename}" if err.filename else ""
+        return f"{err.strerror}{where}"
+    return " ".join(str(err).split())[:2000]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["LPCAMConfig", "PRESETS", "parse_yaml_mapping", "load_yaml_mapping"]
+__all__ = ["LPCAMConfig", "PRESETS", "parse_yaml_mapping", "load_yaml_mapping", "short_repr"]
 
 GIB = 1024**3
 
@@ -68,7 +68,7 @@ class LPCAMConfig:
         if isinstance(raw, (str, bytes)) or not isinstance(raw, (list, tuple)) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw
         ):
-            raise ValueError(f"LPCAMConfig.scales={_short_repr(raw)}: expected a list of positive numbers, e.g. [1.0, 0.5]")
+            raise ValueError(f"LPCAMConfig.scales={short_repr(raw)}: expected a list of positive numbers, e.g. [1.0, 0.5]")
         scales = tuple(float(v) for v in raw)
         object.__setattr__(self, "scales", scales)
         self.validate()
@@ -78,7 +78,7 @@ class LPCAMConfig:
 
         def need(ok: bool, name: str, expected: str) -> None:
             if not ok:
-                raise ValueError(f"LPCAMConfig.{name}={_short_repr(getattr(self, name))}: expected {expected}")
+                raise ValueError(f"LPCAMConfig.{name}={short_repr(getattr(self, name))}: expected {expected}")
 
         def is_int(value: Any) -> bool:  # bool is an int subclass; `num_clusters: yes` must not mean 1
             return isinstance(value, int) and not isinstance(value, bool)
@@ -148,7 +148,7 @@ class LPCAMConfig:
         preset = data.pop("preset", None)
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown LPCAM setting(s) {_short_repr(unknown)}; known: {sorted(known)}")
+            raise ValueError(f"{source}: unknown LPCAM setting(s) {short_repr(unknown)}; known: {sorted(known)}")
         try:
             if preset is not None:
                 return cls.preset(str(preset), **data)
@@ -183,7 +183,7 @@ class LPCAMConfig:
 _MAX_YAML_BYTES = 1 << 20
 
 
-def _short_repr(value: Any, limit: int = 80) -> str:
+def short_repr(value: Any, limit: int = 80) -> str:
     """``repr(value)`` cut to ``limit`` characters: an error message never carries a whole file."""
     text = repr(value) if not isinstance(value, (dict, list, tuple)) or len(value) < 64 else f"<{type(value).__name__} of {len(value)} items>"
     return text if len(text) <= limit else text[:limit] + "..."
@@ -203,7 +203,7 @@ def parse_yaml_mapping(text: str, where: str) -> dict[str, Any]:
     try:
         data = yaml.load(text, Loader=NoAliasLoader) or {}
     except yaml.YAMLError as err:
-        raise ValueError(f"{where}: not valid YAML ({_short_repr(str(err), 300)})") from None
+        raise ValueError(f"{where}: not valid YAML ({short_repr(str(err), 300)})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping of LPCAM settings, got {type(data).__name__}")
     return data

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import short_repr
 from .io import PathLike, atomic_save_npy, load_npy
 
 __all__ = [
@@ -56,7 +57,7 @@ def class_keys(keys: Any, where: str) -> np.ndarray:
         raise TypeError(f"{where}: 'keys' must hold integers, got dtype {arr.dtype}")
     arr = arr.astype(np.int64, copy=False)
     if arr.size and arr.min() < 0:
-        raise ValueError(f"{where}: 'keys' must be non-negative 0-based class indices, got {arr.tolist()}")
+        raise ValueError(f"{where}: 'keys' must be non-negative 0-based class indices, got {short_repr(arr.tolist())}")
     return arr
 
 

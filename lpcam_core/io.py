@@ -14,6 +14,8 @@ import io
 import logging
 import os
 import pickle
+import re
+import socket
 import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -32,6 +34,7 @@ __all__ = [
     "should_skip",
     "check_output_dir",
     "remove_stale_temporaries",
+    "temporary_target",
     "read_id_list",
     "load_label_png",
 ]
@@ -108,7 +111,8 @@ def atomic_open(
     if dest.is_dir():
         raise IsADirectoryError(f"atomic_open: destination {str(dest)!r} is a directory")
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=parent)
+    _remove_dead_writers_temporaries(dest)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}{_WRITER}.", suffix=".tmp", dir=parent)
     tmp = Path(tmp_name)
     try:
         try:
@@ -127,6 +131,43 @@ def atomic_open(
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+#: Marks a temporary file with its writer: ``.<name>.lpcam-<host>-<pid>.<random>.tmp``.
+_WRITER = ".lpcam-{}-{}".format(re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host", os.getpid())
+
+
+def temporary_target(name: str) -> tuple[str, str | None, int | None]:
+    """(target file name, writer host, writer pid) of an atomic write's temporary file name
+    ``.<target>.lpcam-<host>-<pid>.<random>.tmp`` (host and pid None for one without a writer mark)."""
+    body = name[1:-4]
+    mark = body.rfind(".lpcam-")
+    if mark < 0:
+        return body.rsplit(".", 1)[0], None, None
+    host, _, pid = body[mark + 7:].rsplit(".", 1)[0].rpartition("-")
+    return body[:mark], host or None, int(pid) if pid.isdigit() else None
+
+
+def _remove_dead_writers_temporaries(dest: Path) -> None:
+    """Remove temporary files of ``dest`` whose writer, a process of this machine, is gone (killed mid-write)."""
+    prefix = f".{dest.name}.lpcam-"
+    host = _WRITER.split("-")[1]
+    try:
+        names = [n for n in os.listdir(dest.parent) if n.startswith(prefix) and n.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        target, writer_host, pid = temporary_target(name)
+        if target != dest.name or writer_host != host or pid is None or pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:  # the writer is dead: its file will never be renamed
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(dest.parent / name)
+                logger.info("removed %s, left by a killed write of %s", name, dest)
+        except OSError:  # alive (another user's) or unknown: leave it
+            pass
 
 
 def atomic_write_bytes(path: PathLike, data: bytes | bytearray | memoryview, *, fsync: bool = True) -> Path:
@@ -360,8 +401,7 @@ def remove_stale_temporaries(out_dir: PathLike, names: set[str]) -> int:
             n = entry.name
             if not (n.startswith(".") and n.endswith(".tmp")):
                 continue
-            target = n[1:-4].rsplit(".", 1)[0]
-            if target in names:
+            if temporary_target(n)[0] in names:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
                     removed += 1
@@ -384,23 +424,35 @@ def read_id_list(path: PathLike) -> list[str]:
 
     Each non-blank line is either an id (``2007_000032``) or a path pair such as
     ``/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png``; for the latter the
-    stem of the first token is the id.
+    stem of the first token is the id. Any other line (``my img``, three tokens) is refused, naming
+    the file and line: its id would be a guess.
 
     Returns:
         Ids in file order.
 
     Raises:
-        FileNotFoundError: the list file does not exist.
+        FileNotFoundError: the list file does not exist. ValueError: not a regular UTF-8 text file,
+        or a line of neither form.
     """
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise FileNotFoundError(f"id list file not found: {str(p)!r}")
+    if not p.is_file():
+        raise ValueError(f"id list {str(p)!r} is not a regular file")
     ids: list[str] = []
-    with open(p, encoding="utf-8") as f:
-        for line in f:
-            tokens = line.split()
-            if tokens:
+    try:
+        with open(p, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                tokens = line.split()
+                if not tokens:
+                    continue
+                pair = len(tokens) == 2 and all(t != _id_from_token(t) for t in tokens)
+                if len(tokens) > 1 and not pair:
+                    raise ValueError(f"id list {str(p)!r} line {number}: {line.strip()[:80]!r} is neither an image id "
+                                     "nor a pair of image and label paths")
                 ids.append(_id_from_token(tokens[0]))
+    except UnicodeDecodeError:
+        raise ValueError(f"id list {str(p)!r} is not UTF-8 text") from None
     return ids
 
 

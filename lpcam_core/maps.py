@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .bank import PrototypeBank
 from .classifier import as_linear_weight
+from .config import short_repr
 from .finite import all_finite
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def _class_list(classes, name: str = "classes") -> list[int]:
     except TypeError:
         raise TypeError(f"{name} must be a sequence or tensor of class indices, got {type(classes).__name__}") from None
     if not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in out):
-        raise TypeError(f"{name} must hold integer class indices, got {out!r}")
+        raise TypeError(f"{name} must hold integer class indices, got {short_repr(out)}")
     return [int(c) for c in out]
 
 

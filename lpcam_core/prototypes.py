@@ -2,7 +2,7 @@
 
 Steps 2-4 of the method (docs/method.md). :class:`PrototypeBuilder` streams images: ``add`` moves each
 image's features into per-class pools (nothing else is kept), ``build`` runs
-:func:`~lpcam_core.kmeans.kmeans` on every pool and scores the centres with a
+:func:`~lpcam_core.clustering.kmeans` on every pool and scores the centres with a
 :class:`~lpcam_core.classifier.Scorer` (:func:`select_prototypes` for a plain classifier weight).
 
 Memory: all pools together hold at most ``POOL_SHARE_OF_BUDGET`` (85%) of ``config.memory_budget_bytes``
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from .classifier import Scorer, as_scorer, check_class_index
+from .clustering import kmeans
 from .config import LPCAMConfig
-from .kmeans import kmeans
 from .pools import (
     POOL_SHARE_OF_BUDGET,
     TRIM_EVERY_IMAGES,
@@ -211,6 +211,9 @@ class PrototypeBuilder:
             raise ValueError(
                 f"PrototypeBuilder.add: features have {features.shape[0]} channels, earlier images had {self.feature_dim}"
             )
+        if features.numel() == 0:
+            raise ValueError(f"PrototypeBuilder.add: features of shape {tuple(features.shape)} are empty "
+                             "(no channel or no position)")
         if features.shape[1] * features.shape[2] >= 2**POSITION_BITS:
             raise ValueError(f"PrototypeBuilder.add: feature grid {tuple(features.shape[1:])} has 2**32 positions or more")
         if not bool(torch.isfinite(features).all()):
@@ -226,6 +229,9 @@ class PrototypeBuilder:
         keys = torch.as_tensor(np.asarray(keys) if not isinstance(keys, torch.Tensor) else keys).reshape(-1)
         if keys.is_floating_point() or keys.dtype == torch.bool:
             raise TypeError(f"PrototypeBuilder.add: keys must be integer class indices, got {keys.dtype}")
+        if keys.numel() != len(set(keys.tolist())):
+            raise ValueError(f"PrototypeBuilder.add: keys {keys.tolist()[:20]} repeat a class: each class's map "
+                             "splits the features once")
         if keys.numel() != cams.shape[0]:
             raise ValueError(f"PrototypeBuilder.add: {keys.numel()} keys for {cams.shape[0]} CAM maps")
         if keys.numel() and (int(keys.min()) < 0 or int(keys.max()) >= self.num_classes):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import lpcam_core.kmeans as km
-from lpcam_core.kmeans import kmeans
+import lpcam_core.clustering as km
+from lpcam_core.clustering import kmeans
 
 
 def blobs(n_per=60, k=5, dim=24, noise=0.15, seed=0, dtype=torch.float32):
@@ -144,7 +144,7 @@ def test_empty_cluster_reseeded(caplog):
     whose cluster then loses every row to the identical earlier centre; it must be re-seeded."""
     dirs = torch.eye(3, 5)
     x = dirs.repeat_interleave(10, dim=0)
-    caplog.set_level(logging.DEBUG, logger="lpcam_core.kmeans")
+    caplog.set_level(logging.DEBUG, logger="lpcam_core.clustering")
     res = kmeans(x, 4, seed=0)
     assert "re-seeded" in caplog.text
     counts = torch.bincount(res.labels, minlength=4)
@@ -174,9 +174,9 @@ def test_chunked_path_gives_identical_results(monkeypatch):
     """With a tiny chunk budget the rows are visited 256 at a time: same result as one chunk."""
     x, _ = blobs(n_per=700, k=5, dim=20, noise=0.5, seed=9)  # 3,500 rows
     whole = kmeans(x, 5, seed=2)
-    assert km._chunk_rows(x.shape[0], x.shape[1]) == x.shape[0]
+    assert km.chunk_rows(x.shape[0], x.shape[1]) == x.shape[0]
     monkeypatch.setattr(km, "_CHUNK_BYTES", 1)
-    assert km._chunk_rows(x.shape[0], x.shape[1]) == 256
+    assert km.chunk_rows(x.shape[0], x.shape[1]) == 256
     calls = []
     real_assign = km._assign
 

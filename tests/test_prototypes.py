@@ -9,8 +9,8 @@ import pytest
 import torch
 from reference import reference_select, reference_split
 
+from lpcam_core.clustering import kmeans
 from lpcam_core.config import LPCAMConfig
-from lpcam_core.kmeans import kmeans
 from lpcam_core.prototypes import PrototypeBuilder, sample_images_per_class, select_prototypes, split_by_cam
 
 TAU = 0.1

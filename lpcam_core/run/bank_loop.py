@@ -21,7 +21,7 @@ import torch
 
 from ..bank import BankError, PrototypeBank
 from ..classifier import Scorer, as_scorer
-from ..config import LPCAMConfig
+from ..config import LPCAMConfig, short_repr
 from ..pools import merge_cut
 from ..prototypes import PrototypeBuilder, sample_images_per_class
 from .context import all_gather, broadcast_object, gather_object, rank, shard_indices, world_size
@@ -320,7 +320,7 @@ def why_not_reusable(bank: PrototypeBank, scorer: Scorer, config: LPCAMConfig, m
         return f"its settings differ ({', '.join(diff)})"
     for key, value in meta.items():
         if bank.meta.get(key) != value:
-            return f"its {key} differs ({bank.meta.get(key)!r} != {value!r})"
+            return f"its {key} differs ({short_repr(bank.meta.get(key))} != {short_repr(value)})"
     return None
 
 

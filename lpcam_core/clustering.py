@@ -1,4 +1,4 @@
-"""Cosine K-means: seeded, bounded in iterations and memory, on any device.
+"""Cosine K-means (:func:`kmeans`): seeded, bounded in iterations and memory, on any device.
 
 Rows are assigned to the centre of highest cosine similarity; each centre is the raw (un-normalised)
 mean of its member rows, as in the official release (its K-means dependency averages raw features and
@@ -44,7 +44,7 @@ class KMeansResult:
     n_iter: int
 
 
-def _chunk_rows(n: int, c: int) -> int:
+def chunk_rows(n: int, c: int) -> int:
     return max(256, min(n, _CHUNK_BYTES // max(4 * c, 1)))
 
 
@@ -152,8 +152,12 @@ def _validate(x: torch.Tensor, k: int, max_iter: int, n_init: int, tol: float) -
         raise ValueError(f"kmeans: x must have shape [N, C], got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"kmeans: x must be floating point (float16, bfloat16 or float32), got {x.dtype}")
-    if not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"kmeans: k must be an int (the number of clusters), got {type(k).__name__} {k!r}")
+    if k < 1:
         raise ValueError(f"kmeans: k must be an int >= 1, got {k!r}")
+    if x.shape[1] == 0:
+        raise ValueError(f"kmeans: x has no feature channels (shape {tuple(x.shape)}): nothing to cluster")
     if k > x.shape[0]:
         raise ValueError(f"kmeans: k={k} is larger than the number of rows ({x.shape[0]})")
     if max_iter < 1 or n_init < 1 or tol < 0:
@@ -192,7 +196,7 @@ def kmeans(
     _validate(x, k, max_iter, n_init, tol)
     x = x.detach()
     n, c = x.shape
-    chunk = _chunk_rows(n, c)
+    chunk = chunk_rows(n, c)
     inv_norm = _inverse_norms(x, chunk)
     best_result: KMeansResult | None = None
     for restart in range(n_init):
