@@ -84,7 +84,7 @@ class PrototypeBank:
                                   or not all(isinstance(n, str) and len(n) <= 256 for n in names)):
             raise BankError(f"PrototypeBank: meta class_names must be {int(num_classes)} names of at most 256 "
                             f"characters, got {short_repr(names)}")
-        self._stack_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._stack_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.library_version: str | None = None  # of the lpcam that saved the file (set by load)
 
     # ------------------------------------------------------------------ views
@@ -116,13 +116,17 @@ class PrototypeBank:
             )
         return out
 
-    def stacked(self, classes: Iterable[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def directions(self, classes: Iterable[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Everything :func:`~lpcam_core.maps.lpcam_map` needs for ``classes``, cached per device.
 
+        The mean cosine similarity to k prototypes is the dot product with the mean of their unit
+        vectors, so a class's map is one dot product: ``A_c = d_c . f / |f|`` with
+        ``d_c = mean_i unit(P_c,i) - mean_j unit(B_c,j)``. The difference is taken in float64, before
+        any feature is seen: the class and context means cancel exactly instead of after float32
+        rounding of every similarity (docs/method.md).
+
         Returns:
-            unit prototypes [P, C] float32 (class then context rows of every requested class),
-            mixing weights [n, P] float32 (``1/k_c`` on class rows, ``-1/m_c`` on context rows),
-            has_context [n] bool.
+            directions [n, C] float32 (computed in float64), has_context [n] bool.
         """
         classes = tuple(self.check_classes(classes))
         key = (classes, str(device))
@@ -130,20 +134,14 @@ class PrototypeBank:
         if cached is not None:
             return cached
         rows, has_context = [], []
-        offset = 0
-        total = sum(self.foreground[c].shape[0] + self.context[c].shape[0] for c in classes)
-        mix = torch.zeros(len(classes), total, dtype=torch.float32)
-        for i, c in enumerate(classes):
-            fg, ctx = self.foreground[c], self.context[c]
-            rows += [fg, ctx]
-            mix[i, offset : offset + fg.shape[0]] = 1.0 / fg.shape[0]
-            offset += fg.shape[0]
+        for c in classes:
+            fg, ctx = self.foreground[c].double(), self.context[c].double()
+            direction = F.normalize(fg, dim=1, eps=1e-8).mean(0)
             if ctx.shape[0]:
-                mix[i, offset : offset + ctx.shape[0]] = -1.0 / ctx.shape[0]
-            offset += ctx.shape[0]
+                direction = direction - F.normalize(ctx, dim=1, eps=1e-8).mean(0)
+            rows.append(direction)
             has_context.append(ctx.shape[0] > 0)
-        unit = F.normalize(torch.cat(rows).float(), dim=1, eps=1e-8)
-        result = (unit.to(device), mix.to(device), torch.tensor(has_context, device=device))
+        result = (torch.stack(rows).float().to(device), torch.tensor(has_context, device=device))
         if len(self._stack_cache) > 256:
             self._stack_cache.clear()
         self._stack_cache[key] = result

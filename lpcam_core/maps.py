@@ -118,14 +118,13 @@ def _lpcam_map_checked(x: torch.Tensor, bank: PrototypeBank, keys: list[int]) ->
     if not keys:  # no class requested (an image with no present class): an empty stack of maps
         return torch.zeros(b, 0, h, w, dtype=torch.float32, device=x.device)
     with _float32_maths(x.device):
-        unit, mix, has_context = bank.stacked(keys, x.device)
+        directions, has_context = bank.directions(keys, x.device)
         flat = x.float().reshape(b, c, h * w)  # [B, C, hw]: channels stay the reduced, outer dim
-        # cos(f, p) = (p/|p|) . f / max(|f|, 1e-8), as F.normalize / F.cosine_similarity (eps 1e-8).
-        # Dividing the [B, P, hw] dot products avoids a normalised copy of the features; the squared
-        # sum over the outer dim vectorises well (linalg.vector_norm over it does not, on the CPU).
+        # cos(f, p) = (p/|p|) . f / max(|f|, 1e-8), as F.normalize / F.cosine_similarity (eps 1e-8); the mean
+        # over a class's prototypes minus the mean over its context ones is one direction (Bank.directions).
+        # The squared sum over the outer dim vectorises well (linalg.vector_norm over it does not, on the CPU).
         norm = (flat * flat).sum(dim=1).sqrt_().clamp_min_(1e-8)  # [B, hw]
-        cos = torch.matmul(unit, flat) / norm[:, None, :]  # [B, P, hw]
-        scores = torch.matmul(mix, cos)  # [B, n, hw]: +mean over class rows, -mean over context rows
+        scores = torch.matmul(directions, flat) / norm[:, None, :]  # [B, n, hw]
         scores = torch.where(has_context[:, None], scores.clamp_min(0.0), scores)
         return scores.reshape(b, len(keys), h, w)
 

@@ -257,3 +257,48 @@ def test_views_summing_to_inf(bank, pair):
     huge = torch.full_like(pair, 3e38)
     with pytest.raises(ValueError, match=r"features\[0\].*sum to inf"):
         lpcam_multiscale([huge], bank, [0], (40, 50))
+
+
+def _cancelling(seed: int, spread: float, channels: int = 2048):
+    """A bank and 4 scales of features around one shared direction: every class and context similarity is
+    about equal, so the un-normalised maps are 2e-4 to 3e-3 (VOC: 6e-3 to 2e-2), the hard case for rounding."""
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.rand(channels, generator=g)
+    fg = {c: shared + spread * torch.rand(12, channels, generator=g) for c in range(3)}
+    ctx = {c: shared + spread * torch.rand(12, channels, generator=g) for c in range(3)}
+    bank = PrototypeBank(fg, ctx, {"num_classes": 20})
+    feats = []
+    for h, w in ((12, 16), (6, 8), (18, 24), (24, 32)):
+        f = shared[:, None, None] + spread * torch.rand(channels, h, w, generator=g)
+        feats.append(torch.stack([f, f.flip(-1) + 0.1 * spread * torch.rand(channels, h, w, generator=g)]))
+    return bank, feats
+
+
+def _float64_maps(feats, bank, keys, size):
+    """The maps computed from scratch in float64: every cosine similarity, the means, ReLU, resize, max."""
+    per_scale = []
+    for pair in feats:
+        fused = pair[0].double() + pair[1].double().flip(-1)
+        c, h, w = fused.shape
+        unit_f = fused.reshape(c, -1) / fused.reshape(c, -1).norm(dim=0).clamp_min(1e-8)
+        rows = []
+        for k in keys:
+            p = torch.nn.functional.normalize(bank.foreground[k].double(), dim=1)
+            b = torch.nn.functional.normalize(bank.context[k].double(), dim=1)
+            rows.append(((p @ unit_f).mean(0) - (b @ unit_f).mean(0)).clamp_min(0).reshape(h, w))
+        per_scale.append(torch.stack(rows)[:, None])
+    height, width = size
+    up = (-(-height // 16) * 16, -(-width // 16) * 16)
+    high = torch.stack([torch.nn.functional.interpolate(m, up, mode="bilinear", align_corners=False)[:, 0, :height, :width]
+                        for m in per_scale]).mean(0)
+    return (high / high.flatten(1).max(1).values[:, None, None]).numpy()
+
+
+@pytest.mark.parametrize("spread", [0.3, 1.0])
+def test_maps_are_within_1e5_of_float64_when_class_and_context_nearly_cancel(spread):
+    for seed in range(2):
+        bank, feats = _cancelling(seed, spread)
+        raw = lpcam_map(feats[0][0] + feats[0][1].flip(-1), bank, [0, 1, 2]).flatten(1).max(1).values
+        assert float(raw.max()) < 4e-3  # the cancellation is real: maps two orders below the similarities
+        got = lpcam_multiscale(feats, bank, [0, 1, 2], (190, 250))["high_res"]
+        assert np.abs(got - _float64_maps(feats, bank, [0, 1, 2], (190, 250))).max() <= 1e-5
