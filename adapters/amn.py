@@ -14,20 +14,8 @@ registers a patch for each through the import hook, without importing any AMN mo
 Every map computed here runs AMN's head with Dropout off (AMN's own ``eval()`` keeps it active, so its
 own CAMs change run to run); the model's ``training`` flags are never touched.
 
-Stage (b) choices the paper leaves open are options (``LPCAM_AMN_*`` or an ``amn:`` YAML section;
-the measurements behind the defaults are in docs/hosts/amn.md):
-
-============  ===============  ===========================================================
-setting       default          why
-============  ===============  ===========================================================
-features      ``conditioned``  stage4 * label_enc(y) is the only input AMN's head was
-                               trained on, so only its centres can be scored by that head
-classifier    ``all_taps``     the head's exact response to a constant map (a prototype
-                               everywhere); centre taps drop 8/9 of every branch
-softmax       ``20``           mu_f / context_low / mu_b are the paper's 20-way values
-split         ``amn_cam``      the paper's recipe (the host's own maps at tau)
-background    ``one_minus_max`` every AMN consumer drops channel 0
-============  ===============  ===========================================================
+Stage (b) choices the paper leaves open are the :data:`OPTIONS` (``LPCAM_AMN_*`` or an ``amn:`` YAML
+section); their defaults, reasons and measurements are in docs/hosts/amn.md.
 """
 
 from __future__ import annotations

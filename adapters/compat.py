@@ -146,13 +146,8 @@ def _make_decode(orig: Any, module: ModuleType) -> Any:
 
 def numpy_with_aliases() -> ModuleType:
     """A module that is numpy plus its removed aliases (``np.int`` ...), for one host module."""
-    alias = ModuleType("numpy", np.__doc__)
-    alias.__dict__.update(np.__dict__)
-    for name, value in _NUMPY_ALIASES.items():
-        if name not in np.__dict__:
-            setattr(alias, name, value)
-    alias.__lpcam_numpy_aliases__ = True  # type: ignore[attr-defined]
-    return alias
+    missing = {name: value for name, value in _NUMPY_ALIASES.items() if name not in np.__dict__}
+    return hooks.module_proxy(np, "numpy's removed aliases", __lpcam_numpy_aliases__=True, **missing)
 
 
 def _numpy_aliases_during_exec(module: ModuleType) -> hooks.Undo:
@@ -196,11 +191,8 @@ def asarray_collated(a: Any, *args: Any, **kwargs: Any) -> np.ndarray:
 
 def numpy_with_collated_asarray(base: ModuleType = np) -> ModuleType:
     """A module that is ``base`` (numpy) with ``asarray`` = :func:`asarray_collated`, for one host module."""
-    proxy = ModuleType("numpy", np.__doc__)
-    proxy.__dict__.update(base.__dict__)
-    proxy.asarray = asarray_collated  # type: ignore[attr-defined]
-    proxy.__lpcam_collated_asarray__ = True  # type: ignore[attr-defined]
-    return proxy
+    return hooks.module_proxy(base, "asarray of a collated size is 1-D", asarray=asarray_collated,
+                              __lpcam_collated_asarray__=True)
 
 
 def _make_collated_numpy(orig: Any, module: ModuleType) -> Any:
@@ -252,8 +244,6 @@ def torch_with_cpu_load() -> ModuleType:
     """A module that is torch except that ``load`` defaults to ``map_location="cpu"``."""
     import torch
 
-    proxy = ModuleType("torch", torch.__doc__)
-    proxy.__dict__.update(torch.__dict__)
     real_load = torch.load
 
     def load(f: Any, map_location: Any = None, *args: Any, **kwargs: Any) -> Any:
@@ -262,9 +252,7 @@ def torch_with_cpu_load() -> ModuleType:
         return real_load(f, map_location, *args, **kwargs)
 
     load.__doc__ = real_load.__doc__
-    proxy.load = load  # type: ignore[attr-defined]
-    proxy.__lpcam_cpu_load__ = True  # type: ignore[attr-defined]
-    return proxy
+    return hooks.module_proxy(torch, "torch.load maps to the CPU", load=load, __lpcam_cpu_load__=True)
 
 
 def _make_torch_proxy(orig: Any, module: ModuleType) -> Any:

@@ -60,6 +60,7 @@ __all__ = [
     "original",
     "describe_patches",
     "explain",
+    "module_proxy",
 ]
 
 logger = logging.getLogger(__name__)
@@ -648,3 +649,12 @@ def explain(module_prefix: str | None = None) -> str:
     for r in rows:
         lines.append(f"{r.module + ':' + r.name:<{width}}  {r.status:<{status_width}}  {r.description}")
     return "\n".join(lines)
+
+
+def module_proxy(base: ModuleType, why: str, **attributes: Any) -> ModuleType:
+    """A copy of ``base``'s namespace with ``attributes`` set: what one host module sees in place of
+    ``base`` (numpy with its old aliases, torch with a CPU ``load``), marked ``__lpcam_proxy__ = why``."""
+    proxy = ModuleType(base.__name__, base.__doc__)
+    proxy.__dict__.update(base.__dict__)
+    proxy.__dict__.update(attributes, __lpcam_proxy__=why)
+    return proxy

@@ -438,27 +438,19 @@ def _device_following_tensor() -> type:
 def _torch_with_device_following_logspace() -> ModuleType:
     import torch as real_torch
 
-    proxy = ModuleType("torch", real_torch.__doc__)
-    proxy.__dict__.update(real_torch.__dict__)
     real = real_torch.logspace
 
     @functools.wraps(real)
     def logspace(*args: Any, **kwargs: Any) -> torch.Tensor:
         return real(*args, **kwargs).as_subclass(_device_following_tensor())
 
-    proxy.logspace = logspace  # type: ignore[attr-defined]
-    proxy.__lpcam_proxy__ = "logspace follows the input device"  # type: ignore[attr-defined]
-    return proxy
+    return hooks.module_proxy(real_torch, "logspace follows the input device", logspace=logspace)
 
 
 def _functional_with_swappable_relu() -> ModuleType:
     import torch.nn.functional as F
 
-    proxy = ModuleType(F.__name__, F.__doc__)
-    proxy.__dict__.update(F.__dict__)
-    proxy.relu = _relu(F.relu)  # type: ignore[attr-defined]
-    proxy.__lpcam_proxy__ = "relu of the head output answers LPCAM in a swapped forward"  # type: ignore[attr-defined]
-    return proxy
+    return hooks.module_proxy(F, "relu of the head output answers LPCAM in a swapped forward", relu=_relu(F.relu))
 
 
 def _pil_with_cubic(pil: ModuleType) -> ModuleType:
@@ -466,14 +458,8 @@ def _pil_with_cubic(pil: ModuleType) -> ModuleType:
 
     if hasattr(PIL.Image, "CUBIC"):
         return pil
-    image = ModuleType(PIL.Image.__name__, PIL.Image.__doc__)
-    image.__dict__.update(PIL.Image.__dict__)
-    image.CUBIC = PIL.Image.Resampling.BICUBIC  # type: ignore[attr-defined]
-    package = ModuleType(pil.__name__, pil.__doc__)
-    package.__dict__.update(pil.__dict__)
-    package.Image = image  # type: ignore[attr-defined]
-    package.__lpcam_proxy__ = "PIL.Image.CUBIC alias"  # type: ignore[attr-defined]
-    return package
+    image = hooks.module_proxy(PIL.Image, "PIL.Image.CUBIC alias", CUBIC=PIL.Image.Resampling.BICUBIC)
+    return hooks.module_proxy(pil, "PIL.Image.CUBIC alias", Image=image)
 
 
 _DROPPED_TIMM_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
@@ -771,31 +757,17 @@ def ensure_bank(original: Callable[..., Any], model: nn.Module, device: Any, arg
         FileNotFoundError: no bank and the ``build`` option is ``never``. ValueError: a bank that does not
         fit and ``build=never``.
     """
-    from lpcam_core import PrototypeBank, run
-    from lpcam_core.bank import BankError
+    from lpcam_core import run
     from lpcam_core.classifier import LinearScorer
 
-    build = settings.option("build")
     path = settings.bank_path or default_bank_path(args)
-    if os.path.isfile(path) and not settings.rebuild_bank:
-        try:
-            bank = PrototypeBank.load(path)
-        except BankError as err:
-            why: str | None = str(err)
-        else:
-            why = run.why_not_reusable(bank, LinearScorer(*score_weight(model, settings.option("head"))),
-                                       settings.lpcam, _bank_meta(model, settings))
-            if why is None:
-                logger.info("using the prototype bank %s (%r)", path, bank)
-                return bank
-        if build == "never":
-            raise ValueError(f"prototype bank {path} does not fit this run: {why}")
-        logger.warning("rebuilding the prototype bank %s: %s", path, why)
-    elif build == "never" and not settings.rebuild_bank:
-        raise FileNotFoundError(
-            f"prototype bank not found: {path} (LPCAM_BUILD=never). Build it with LPCAM_BUILD=only, or "
-            "`lpcam mctformer prototypes -- <main.py arguments>`"
-        )
+    never = settings.option("build") == "never" and not settings.rebuild_bank
+    bank = run.reusable_bank(path, LinearScorer(*score_weight(model, settings.option("head"))), settings.lpcam,
+                             _bank_meta(model, settings), rebuild=settings.rebuild_bank,
+                             required="LPCAM_BUILD=never; build it with LPCAM_BUILD=only or `lpcam mctformer "
+                                      "prototypes -- <main.py arguments>`" if never else None)
+    if bank is not None:
+        return bank
     proto_list = settings.proto_list or default_proto_list(args)
     ids = _ids(proto_list)
     baseline_dir = settings.baseline_dir or default_baseline_dir(args, path)

@@ -12,10 +12,8 @@ ReCAM-finetuned backbone ``res50_recam_<N>.pth``. The import registers, without 
   W_cls of that backbone, default, or ``recam`` = W_recam * W_cls), bank ``<work_space>/lpcam_bank_recam.pt``;
 * the modern-stack shims of :mod:`lpcam_adapters.compat`.
 
-The default classifier is chosen by measurement on a proxy (ReCAM + LPCAM was never published):
-``benchmarks/recam_choices.py`` reproduces ReCAM's training stage on the demo's small CNN and synthetic
-data. Over 3 seeds, ``W_recam * W_cls`` kept only 6 of 72 class centres above mu_f = 0.9 and gave 7 to
-13 mIoU less than ``W_cls``; the ReCAM and CAM backbones tied within noise (docs/hosts/recam.md).
+The default classifier (``cls``) was chosen by measurement on a proxy (ReCAM + LPCAM was never
+published): ``benchmarks/recam_choices.py``, results in docs/hosts/recam.md.
 """
 
 from __future__ import annotations

@@ -325,26 +325,40 @@ def why_not_reusable(bank: PrototypeBank, scorer: Scorer, config: LPCAMConfig, m
 
 
 def reusable_bank(path: PathLike | None, scorer: Scorer, config: LPCAMConfig, meta: Mapping[str, Any], *,
-                  rebuild: bool = False) -> PrototypeBank | None:
+                  rebuild: bool = False, required: str | None = None) -> PrototypeBank | None:
     """Collective: the bank at ``path`` when rank 0 finds it built with this classifier, settings and ``meta``
-    (loaded on every process), else None (a warning says why)."""
-    def decide() -> bool:
-        if path is None or rebuild or not os.path.isfile(path):
-            return False
+    (loaded on every process), else None (a warning says why).
+
+    Args:
+        required: when set, a missing or unfit bank is an error instead of None, and this text (the
+            setting that forbids building, how to build one) ends its message.
+
+    Raises:
+        FileNotFoundError / ValueError: ``required`` and no bank at ``path`` / a bank that does not fit.
+    """
+    def decide() -> str | None:  # None: reuse; else why not
+        if path is None or not os.path.isfile(path):
+            return "missing"
+        if rebuild:
+            return "rebuild requested"
         try:
             bank = PrototypeBank.load(path)
         except BankError as err:
-            logger.warning("rebuilding the prototype bank: %s", err)
-            return False
-        why = why_not_reusable(bank, scorer, config, meta)
-        if why is None:
-            logger.info("reusing the prototype bank %s (same checkpoint and settings)", path)
-            return True
-        logger.warning("rebuilding the prototype bank %s: %s", path, why)
-        return False
+            return str(err)
+        return why_not_reusable(bank, scorer, config, meta)
 
-    reuse = broadcast_object(decide() if rank() == 0 else None)
-    return PrototypeBank.load(path) if reuse else None
+    why = broadcast_object(decide() if rank() == 0 else None)
+    if why is None:
+        if rank() == 0:
+            logger.info("reusing the prototype bank %s (same checkpoint and settings)", path)
+        return PrototypeBank.load(path)
+    if required is not None:
+        if why == "missing":
+            raise FileNotFoundError(f"prototype bank not found: {path} ({required})")
+        raise ValueError(f"prototype bank {path} does not fit this run: {why} ({required})")
+    if why != "missing" and rank() == 0:
+        logger.warning("rebuilding the prototype bank %s: %s", path, why)
+    return None
 
 
 def peak_rss_mib() -> float:

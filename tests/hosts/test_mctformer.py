@@ -71,9 +71,19 @@ def _tree_digest(path: Path) -> str:
 @pytest.fixture(scope="module", params=["v2", "plus"])
 def host(request, tmp_path_factory):
     """(ref, checkout path, is_git_checkout) for V2 (c5db727) and MCTformer+ (HEAD)."""
+    return _checkout(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def v2_host(tmp_path_factory):
+    """The V2 checkout alone (MCTformer V1's model class lives there)."""
+    return _checkout("v2", tmp_path_factory)
+
+
+def _checkout(ref, tmp_path_factory):
     root = _hosts_root()
     clone = root / "MCTformer"
-    if request.param == "plus":
+    if ref == "plus":
         if "class MCTformerPlus" not in (clone / "models.py").read_text():
             pytest.skip(f"{clone} is not at MCTformer+ (HEAD): its models.py has no MCTformerPlus")
         return "plus", clone, True
@@ -394,14 +404,12 @@ def test_feature_level_flip_on_host_model(host):
         torch.testing.assert_close(v1, expected.flip(-1))
 
 
-def test_v1_is_refused(host):
+def test_v1_is_refused(v2_host):
     import torch.nn as nn
 
     from lpcam_adapters import mctformer as mct
 
-    ref, path, _ = host
-    if ref != "v2":
-        pytest.skip("MCTformer V1 lives in the V2 checkout")
+    _, path, _ = v2_host
     with host_modules(path) as models:
         v1 = models.MCTformerV1(num_classes=20, norm_layer=partial(nn.LayerNorm, eps=1e-6), **TINY)
         with pytest.raises(mct.UnsupportedModelError, match="patch classifier"):
