@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from . import base, hooks, irn_family
 from .base import HostInfo
-from .settings import HostSettings, Option, read_settings
+from .settings import HostSettings, Option, parse_number, read_settings
 
 if TYPE_CHECKING:
     import numpy as np
@@ -93,7 +93,7 @@ OPTIONS = (
            "map) or centre (centre taps)", choices=("all_taps", "centre"), flag="--classifier",
            parse=lambda v: "centre" if str(v).strip().lower() == "center" else v),
     Option("softmax", "LPCAM_AMN_SOFTMAX", 20, "20 (default: rows 1..20, the paper's thresholds assume 20-way) or 21 "
-           "(with background)", choices=(20, 21), parse=int, flag="--softmax"),
+           "(with background)", choices=(20, 21), parse=lambda v: parse_number(v, int, "softmax"), flag="--softmax"),
     Option("split", "LPCAM_AMN_SPLIT", "amn_cam", "amn_cam (default: AMN's own maps, Dropout off, at tau) or "
            "ir_label (stage-(a) PNGs)", choices=("amn_cam", "ir_label"), flag="--split"),
     Option("background", "LPCAM_AMN_BACKGROUND", "one_minus_max", "channel 0 of the files: one_minus_max (default) "
@@ -371,11 +371,19 @@ class AMNStageB(irn_family.IRNFamily):
         img = torch.as_tensor(item["img"])[None].to(self._dev())
         feats = amn_features(self.cam_model, img, label, self.conditioned)[0].float()
         if self.options["split"] == "amn_cam":
-            record = load_irn_cam(os.path.join(os.fspath(baseline_dir), image_id + ".npy"))
-            return feats, torch.as_tensor(record["high_res"][1:]), record["keys"].long()
+            return (feats, *self.pool_maps(load_irn_cam(os.path.join(os.fspath(baseline_dir), image_id + ".npy"))))
         keys = torch.nonzero(label)[:, 0]
         png = load_label_png(os.path.join(self.ir_label_dir, image_id + ".png"))
         return feats, ir_label_cams(png, keys.tolist(), self.tau), keys
+
+    def baseline_and_features(self, item: Mapping[str, Any]) -> tuple[dict[str, Any], None]:
+        """AMN's maps; the pooled features (label-conditioned or raw) come from their own one-scale pass."""
+        return self.baseline(item), None
+
+    def pool_maps(self, record: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        return torch.as_tensor(record["high_res"][1:]), torch.as_tensor(record["keys"]).long()
 
     def baseline(self, item: Mapping[str, Any]) -> dict[str, Any]:
         """AMN's make_amn_cam maths on one MSF item with Dropout off: per scale the flip-averaged 21-way logits,

@@ -5,10 +5,10 @@ A host adapter is one file of glue. It describes itself for the CLI and the patc
 the passes below, which run on :mod:`lpcam_core.run` (one process, spawned workers or torchrun: one
 code path):
 
-* :func:`fill_baselines`: the host's own CAM of the prototype images, missing files only, into a
-  baseline directory guarded by its record;
 * :func:`prototype_bank`: the bank, reused when built with the same classifier, settings and
-  provenance, else streamed (features + baseline maps) into the one bank loop;
+  provenance, else streamed into the one bank loop in one backbone pass per prototype image (the
+  baseline CAM, written to a directory guarded by its record, and the pooled features of its scale-1 view);
+* :func:`fill_baselines`: the host's own CAM of the prototype images alone (missing files only);
 * :func:`write_lpcam` / :func:`write_baseline`: the map loop with the host's writer.
 
 The core never imports a host; a host never reaches inside the core or the run layer.
@@ -105,6 +105,15 @@ class Host(Protocol):
         """The host's own CAM of one image, in the host's file format (a record for :meth:`write`)."""
         ...
 
+    def baseline_and_features(self, item: Any) -> tuple[Any, torch.Tensor | None]:
+        """:meth:`baseline` of a multi-scale item and the pooled features [C, h, w] taken from the same
+        backbone pass (its scale-1 unflipped view), or None where that pass does not compute them."""
+        ...
+
+    def pool_maps(self, record: Any) -> tuple[Any, Any]:
+        """The maps [n, H, W] that split the pools and their keys [n], out of a baseline record."""
+        ...
+
     def lpcam(self, item: Any, bank: PrototypeBank) -> Any:
         """LPCAM of one image in the host's file format."""
         ...
@@ -171,24 +180,57 @@ def fill_baselines(host: Host, data: Datasets, baseline_dir: str | None, fingerp
                           dataset=data.proto, num_workers=data.loader_workers, desc=f"baseline CAM -> {baseline_dir}")
 
 
-def prototype_bank(host: Host, data: Datasets, baseline_dir: str, bank_path: str | None, settings: HostSettings,
-                   meta: Mapping[str, Any], *, device: torch.device | None = None) -> PrototypeBank:
+def prototype_bank(host: Host, data: Datasets, baseline_dir: str | None, bank_path: str | None,
+                   settings: HostSettings, meta: Mapping[str, Any], *, device: torch.device | None = None,
+                   fingerprint: Mapping[str, Any] | None = None, reads: Sequence[str | None] = ()) -> PrototypeBank:
     """Collective: the bank at ``bank_path`` when it was built with this classifier, settings and ``meta``;
-    else a new one from the prototype images (features + baseline maps), saved there.
+    else a new one from the prototype images, saved there.
+
+    One backbone pass per prototype image: an image whose baseline is missing from ``baseline_dir`` gets
+    it computed (and written) by :meth:`Host.baseline_and_features`, whose scale-1 view also gives the
+    pooled features; an image whose baseline exists only runs that one view (:meth:`Host.pool_inputs`).
+    With ``fingerprint`` the baseline directory is checked against its record first (as
+    :func:`fill_baselines` does); without it every baseline must exist already.
     """
     from lpcam_core import run
+    from lpcam_core.io import check_output_dir, should_skip
 
+    if baseline_dir is not None and fingerprint is not None:
+        check_output_dir(baseline_dir, read_dirs=reads)  # before anything else: a wrong folder is a wrong command
     scorer = host.scorer()
     bank = run.reusable_bank(bank_path, scorer, settings.lpcam, meta, rebuild=settings.rebuild_bank)
     if bank is not None:
         return bank
+    if baseline_dir is not None and fingerprint is not None:
+        run.raise_on_all_ranks(lambda: run.check_baseline_record(baseline_dir, fingerprint))
+        run.barrier()
     plan = run.clustering_plan(data.labels, settings.lpcam, host.num_classes)
     mine = [plan[i].image_id for i in run.shard_indices(len(plan))]
-    with run.ItemFeed(data.pool, data.proto_ids, mine, data.loader_workers) as feed:
-        bank = run.build_prototypes(plan, lambda image_id: host.pool_inputs(image_id, feed(image_id), baseline_dir),
-                                    host.num_classes, scorer, config=settings.lpcam, out_path=bank_path,
+    missing = set()
+    if baseline_dir is not None and fingerprint is not None:
+        missing = {i for i in dict.fromkeys(mine) if not should_skip(os.path.join(baseline_dir, i + ".npy"))}
+    counts = {"baselines written": 0, "pooled from the baseline pass": 0}
+
+    def load(image_id: str) -> Any:
+        if image_id in missing:
+            missing.discard(image_id)  # an image drawn twice (COCO) finds its file the second time
+            record, features = host.baseline_and_features(proto_feed(image_id))
+            host.write(os.path.join(baseline_dir, image_id + ".npy"), record)
+            counts["baselines written"] += 1
+            if features is not None:
+                counts["pooled from the baseline pass"] += 1
+                return (features, *host.pool_maps(record))
+        return host.pool_inputs(image_id, pool_feed(image_id), baseline_dir)
+
+    first = [i for i in dict.fromkeys(mine) if i in missing]
+    with run.ItemFeed(data.proto, data.proto_ids, first, data.loader_workers) as proto_feed, \
+            run.ItemFeed(data.pool, data.proto_ids, [i for i in mine if i not in missing], data.loader_workers) as pool_feed:
+        bank = run.build_prototypes(plan, load, host.num_classes, scorer, config=settings.lpcam, out_path=bank_path,
                                     device=device, meta=dict(meta), record_pool_peak=True)
+    written, one_pass = run.sum_over_ranks([counts["baselines written"], counts["pooled from the baseline pass"]])
     if run.rank() == 0:
+        logger.info("prototype images: %d baseline CAMs written to %s (%d of them pooled from that same pass), %d "
+                    "read back", written, baseline_dir, one_pass, len(plan) - written)
         logger.info("prototype pools: peak %.1f MiB per process of %.1f MiB budget; peak RSS %.0f MiB (%d images, "
                     "%d process(es))", bank.meta["pool_peak_bytes"] / 2**20, settings.lpcam.memory_budget_bytes / 2**20,
                     run.peak_rss_mib(), len(plan), run.world_size())
@@ -220,14 +262,13 @@ def swap_pass(ctx: Any, host: Host, data: Datasets, settings: HostSettings, *, b
     LPCAM maps of the host's list into ``out_dir`` (every file rewritten, the directory recorded)."""
     t0 = time.perf_counter()
     host = host.to(ctx.device)
-    fill_baselines(host, data, baseline_dir, fingerprint, reads=[out_dir])
+    bank = prototype_bank(host, data, baseline_dir, bank_path, settings, meta, device=ctx.device,
+                          fingerprint=fingerprint, reads=[out_dir, *(r for r in reads if r != baseline_dir)])
     t1 = time.perf_counter()
-    bank = prototype_bank(host, data, baseline_dir, bank_path, settings, meta, device=ctx.device)
-    t2 = time.perf_counter()
     write_lpcam(host, bank, bank_path, data, out_dir, mode="overwrite", reads=reads)
     if ctx.is_main:
-        logger.info("LPCAM pass done: baseline %.1fs, bank %.1fs, maps %.1fs (%d images)", t1 - t0, t2 - t1,
-                    time.perf_counter() - t2, len(data.map_ids))
+        logger.info("LPCAM pass done: baselines and bank %.1fs, maps %.1fs (%d images)", t1 - t0,
+                    time.perf_counter() - t1, len(data.map_ids))
 
 
 def own_pass(ctx: Any, host: Host, data: Datasets, out_dir: str) -> None:

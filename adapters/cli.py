@@ -40,6 +40,28 @@ __all__ = [
 
 #: Any lpcam import line, whatever its comment: ``import lpcam_adapters.<name>`` or ``from lpcam_adapters import``.
 IMPORT_LINE = re.compile(rb"^[ \t]*(?:import[ \t]+lpcam_adapters\.(\w+)|from[ \t]+lpcam_adapters(?:\.(\w+))?[ \t]+import\b)")
+#: Any import statement that names lpcam_adapters anywhere (``import os, lpcam_adapters.amn``, ``import sys; import ...``).
+MENTIONS = re.compile(rb"^[ \t]*(?:import|from)[ \t][^#\r\n]*\blpcam_adapters\b")
+
+
+def imported_adapters(line: bytes) -> set[str]:
+    """The adapter modules an import line names (``''`` for a bare ``from lpcam_adapters import x``)."""
+    names = {m.decode() for m in re.findall(rb"lpcam_adapters\.(\w+)", line)}
+    for group in re.findall(rb"from[ \t]+lpcam_adapters[ \t]+import[ \t]+([\w, \t()]+)", line):
+        names |= {n.strip().decode() for n in group.replace(b"(", b"").replace(b")", b"").split(b",") if n.strip()}
+    return names or {""}
+
+
+def statement_lines(text: bytes, path: Path) -> tuple[set[int], set[int]]:
+    """0-based indices of the lines where the script's top-level statements start, and where any statement
+    starts (lines inside a docstring or a string are neither)."""
+    import ast
+
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError) as err:
+        raise ValueError(f"{path} is not a Python 3 script lpcam can read ({type(err).__name__}: {err})") from None
+    return {node.lineno - 1 for node in tree.body}, {n.lineno - 1 for n in ast.walk(tree) if isinstance(n, ast.stmt)}
 
 
 def patch_text(info: HostInfo) -> str:
@@ -60,6 +82,30 @@ def patch_line(info: HostInfo) -> tuple[str, str]:
     return added, anchor
 
 
+def scale_value(text: str) -> float:
+    """argparse type of an inference scale: a finite number in (0, 16]."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number") from None
+    if not (math.isfinite(value) and 0 < value <= 16):
+        raise argparse.ArgumentTypeError(f"{text[:40]!r}: expected a scale in (0, 16]")
+    return value
+
+
+def count_value(text: str) -> int:
+    """argparse type of a count: an int >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not an int") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: expected an int >= 0")
+    return value
+
+
 def check_checkout(host_dir: str | os.PathLike, info: HostInfo) -> Path:
     """The checkout ``host_dir`` when its files say it is ``info``'s host, else ``ValueError`` naming what is missing."""
     root = Path(host_dir)
@@ -67,8 +113,8 @@ def check_checkout(host_dir: str | os.PathLike, info: HostInfo) -> Path:
         raise FileNotFoundError(f"{root}: no such directory (expected a {info.title} checkout)")
     for rel, text in info.signature.items():
         path = root / rel
-        try:
-            found = text in path.read_text(encoding="utf-8", errors="replace")
+        try:  # a FIFO or device never blocks the check: only regular files are read
+            found = path.is_file() and not path.is_symlink() and text in path.read_text(encoding="utf-8", errors="replace")
         except OSError:
             found = False
         if not found:
@@ -105,24 +151,30 @@ def patch_entry_script(host_dir: str | os.PathLike, info: HostInfo, *, revert: b
     module = info.module.rsplit(".", 1)[1]
     raw = path.read_bytes()
     lines = raw.splitlines(keepends=True)
+    starts, statements = statement_lines(raw, path)
     ours = []
     for i, line in enumerate(lines):
-        match = IMPORT_LINE.match(line)
-        if match:
-            name = (match.group(1) or match.group(2) or b"").decode()
-            if name != module:
-                raise ValueError(f"{path} already imports lpcam_adapters.{name or '...'} (line {i + 1}): only one "
-                                 f"adapter per host; remove that line first (lpcam {name} patch --revert)")
-            ours.append(i)
+        if not MENTIONS.match(line) or i not in statements:
+            continue
+        names = imported_adapters(line)
+        if names != {module}:
+            other = sorted(names - {module}) or [""]
+            raise ValueError(f"{path} already imports lpcam_adapters.{other[0] or '...'} (line {i + 1}): only one "
+                             f"adapter per host; remove that import first")
+        ours.append(i)
     if ours:
         if not revert:
             return "already applied"
+        mixed = [i + 1 for i in ours if not IMPORT_LINE.match(lines[i])]
+        if mixed:
+            raise ValueError(f"{path}: line {mixed[0]} imports lpcam_adapters.{module} together with other code; "
+                             "edit that line by hand")
         new = b"".join(line for i, line in enumerate(lines) if i not in ours)
         status = "reverted"
     else:
         if revert:
             return "not applied"
-        at = next((i for i, line in enumerate(lines) if line.rstrip(b"\r\n") == anchor.encode()), None)
+        at = next((i for i, line in enumerate(lines) if line.rstrip(b"\r\n") == anchor.encode() and i in starts), None)
         if at is None:
             raise ValueError(f"{path}: no line {anchor!r} to put the import before; add `{added}` as its first "
                              "line by hand")

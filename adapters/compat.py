@@ -78,6 +78,11 @@ _NUMPY_ALIASES: dict[str, Any] = {
 _ALIAS_MODULES = ("misc.pyutils", "voc12.dataloader")
 # Host steps that slice with np.asarray(pack['size']) of a batch of one.
 _COLLATED_SIZE_MODULES = ("step.make_sem_seg_labels", "step.make_ins_seg_labels", "step_coco.make_sem_seg_labels")
+# Host modules that read pickled .npy files (np.load(..., allow_pickle=True)): labels, CAM dicts.
+PICKLE_READERS = ("voc12.dataloader", "step.cam_to_ir_label", "step.eval_cam", "step.eval_ins_seg", "step.make_cocoann",
+                  "step.make_ins_seg_labels", "step.make_sem_seg_labels", "step.amn_cam_to_ir_label",
+                  "step.eval_amn_cam", "step_coco.cam_to_ir_label", "step_coco.eval_cam",
+                  "step_coco.make_sem_seg_labels")
 # Host inference steps that call torch.load.
 _TORCH_LOAD_MODULES = ("step.make_cam", "step.make_recam", "step.make_sem_seg_labels", "step.make_ins_seg_labels")
 
@@ -154,13 +159,49 @@ def _numpy_aliases_during_exec(module: ModuleType) -> hooks.Undo:
     added = [name for name in _NUMPY_ALIASES if name not in vars(np)]
     for name in added:
         setattr(np, name, _NUMPY_ALIASES[name])
+    real_load, np.load = np.load, safe_np_load  # IRN's voc12.dataloader reads cls_labels.npy at import
 
     def undo() -> None:
         for name in added:
             if getattr(np, name, None) is _NUMPY_ALIASES[name]:
                 delattr(np, name)
+        if np.load is safe_np_load:
+            np.load = real_load
 
     return undo
+
+
+# --------------------------------------------------------------------------- pickled .npy files
+
+_REAL_NP_LOAD = np.load
+
+
+def safe_np_load(file: Any, mmap_mode: Any = None, allow_pickle: bool = False, *args: Any, **kwargs: Any) -> Any:
+    """``np.load`` for host code: a pickled ``.npy`` (``allow_pickle=True``: the hosts' label and CAM dicts) is
+    read by lpcam's restricted unpickler (:func:`lpcam_core.io.load_npy`), so a crafted file runs no code; other
+    pickles (file objects, ``.npz``) are refused."""
+    if allow_pickle and isinstance(file, (str, os.PathLike)) and os.fspath(file).endswith(".npy"):
+        from lpcam_core.io import load_npy
+
+        obj = load_npy(file, what="host data")
+        if isinstance(obj, np.ndarray):
+            return obj
+        boxed = np.empty((), dtype=object)
+        boxed[()] = obj
+        return boxed
+    return _REAL_NP_LOAD(file, mmap_mode, False, *args, **kwargs)
+
+
+def numpy_with_safe_load(base: ModuleType = np) -> ModuleType:
+    """``base`` (numpy, or a numpy proxy) with ``load`` = :func:`safe_np_load`, for one host module."""
+    return hooks.module_proxy(base, "np.load reads pickles without running code", load=safe_np_load)
+
+
+def make_safe_numpy(orig: Any, module: ModuleType) -> Any:
+    """``replace_attribute`` maker: the module's numpy (or numpy proxy) gets :func:`safe_np_load`."""
+    if not isinstance(orig, ModuleType) or orig.__name__ != "numpy":  # not numpy: leave it
+        return orig
+    return numpy_with_safe_load(orig)
 
 
 def _make_numpy_alias(orig: Any, module: ModuleType) -> Any:
@@ -418,6 +459,14 @@ def register_irn_family() -> None:
                 "torch",
                 _make_torch_proxy,
                 description='torch.load defaults to map_location="cpu"',
+            )
+        for name in PICKLE_READERS:
+            hooks.replace_attribute(
+                name,
+                "np",
+                make_safe_numpy,
+                name="np_safe_load",
+                description="np.load(allow_pickle=True) reads labels and CAM dicts with a restricted unpickler",
             )
         for name in ("step.make_sem_seg_labels", "step.make_ins_seg_labels"):
             hooks.replace_attribute(

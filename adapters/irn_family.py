@@ -172,8 +172,16 @@ def load_model(network: str, weights: str | os.PathLike, *, cls_name: str = "CAM
     module = importlib.import_module(network)
     with compat.checkpoint_follows():
         model = getattr(module, cls_name)()
-    state = torch.load(path, map_location="cpu")
-    model.load_state_dict(state, strict=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, foreign, or a pickle that names code: never run
+        raise ValueError(f"{flag} {path}: not a readable checkpoint ({type(err).__name__}: "
+                         f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else ''})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, AttributeError, KeyError) as err:
+        raise ValueError(f"{flag} {path}: not a checkpoint of {network}.{cls_name} "
+                         f"({str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__})") from None
     model.eval()  # IRN's Net.train override returns None and keeps self.training; BN is fixed anyway
     return model
 
@@ -301,7 +309,32 @@ class IRNFamily:
 
         record = load_irn_cam(os.path.join(baseline_dir, image_id + ".npy"))
         feats = self.features(torch.as_tensor(item["img"])[None].to(self._dev()))[0].float()
-        return feats, torch.as_tensor(record["high_res"]), record["keys"].long()
+        return (feats, *self.pool_maps(record))
+
+    def pool_maps(self, record: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        return torch.as_tensor(record["high_res"]), torch.as_tensor(record["keys"]).long()
+
+    def baseline_and_features(self, item: Mapping[str, Any]) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """:meth:`baseline`, and the pooled features: ``stage4``'s output for the unflipped image of the
+        scale-1 view, recorded as the CAM network computes it (None when the features come from another
+        network or 1.0 is not among the scales)."""
+        if self.feature_model is not self.cam_model or 1.0 not in self.scales:
+            return self.baseline(item), None
+        wanted, calls, kept = self.scales.index(1.0), [0], []
+
+        def keep(module: Any, inputs: Any, output: torch.Tensor) -> None:
+            if calls[0] == wanted:
+                kept.append(output[0].float())
+            calls[0] += 1
+
+        handle = self.cam_model.stage4.register_forward_hook(keep)
+        try:
+            record = self.baseline(item)
+        finally:
+            handle.remove()
+        return record, kept[0] if len(kept) == 1 and calls[0] == len(self.scales) else None
 
     def baseline(self, item: Mapping[str, Any]) -> dict[str, Any]:
         """The host's make_cam (or make_recam: ``forward2``) maths on one MSF item, in the same order."""
@@ -497,7 +530,12 @@ def cli_settings(ns: Any, info: base.HostInfo) -> HostSettings:
             changes[name] = getattr(ns, name)
     if getattr(ns, "rebuild", False):
         changes["rebuild_bank"] = True
-    return settings.replace(**changes)
+    settings = settings.replace(**changes)
+    if settings.device:
+        from lpcam_core.run import check_device
+
+        check_device(settings.device)
+    return settings
 
 
 def _abs(path: str | None) -> str | None:
@@ -508,25 +546,33 @@ def _list_path(value: str) -> str:
     return os.path.abspath(value) if os.path.exists(value) else value
 
 
+def absolute_paths(ns: Any) -> Any:
+    """The step's path flags made absolute against the user's directory, once, before the step moves into
+    the host's root (so what is read and what the guards check are the same folders)."""
+    for name in ("voc12_root", "weights", "bank", "out", "baseline_dir", "ir_label_dir"):
+        if getattr(ns, name, None):
+            setattr(ns, name, _abs(getattr(ns, name)))
+    return ns
+
+
 def make_reads(ns: Any, baseline_dir: str | None) -> list[str]:
-    """What a ``make`` step reads and never writes into: the bank's baseline directory, the VOC root and its images."""
+    """What a step reads and never writes into: the VOC root and its images, the ir_label PNGs, and (with a
+    bank) the bank's baseline directories (the configured one and ``<bank>_baseline``)."""
     voc = _abs(ns.voc12_root)
-    reads = [voc, os.path.join(voc, "JPEGImages")]
+    reads = [voc, os.path.join(voc, "JPEGImages"), os.path.join(voc, "SegmentationClass")]
     if getattr(ns, "bank", None):
-        reads.append(_abs(baseline_dir) or os.path.splitext(_abs(ns.bank))[0] + "_baseline")
+        reads += [_abs(baseline_dir), os.path.splitext(_abs(ns.bank))[0] + "_baseline"]
     if getattr(ns, "ir_label_dir", None):
         reads.append(_abs(ns.ir_label_dir))
-    return reads
+    return [r for r in reads if r]
 
 
 def prototypes_job(ctx: Any, host: Any, data: base.Datasets, settings: HostSettings, paths: Mapping[str, Any]) -> None:
     """``prototypes``: the missing baselines of the prototype list, then the bank (every process runs it)."""
     compat.register_irn_family()
     host = host.to(ctx.device)
-    if paths["baseline_dir"] is not None:
-        base.fill_baselines(host, data, paths["baseline_dir"], host.baseline_fingerprint())
     bank = base.prototype_bank(host, data, paths["baseline_dir"], paths["bank_path"], settings, paths["meta"],
-                               device=ctx.device)
+                               device=ctx.device, fingerprint=host.baseline_fingerprint(), reads=paths.get("reads", ()))
     if ctx.is_main:
         logger.info("bank %s: %r", paths["bank_path"], bank)
 
@@ -554,14 +600,17 @@ def cmd_prototypes(ns: Any) -> int:
     from lpcam_core import run
 
     info = ns.info
+    absolute_paths(ns)
     settings = cli_settings(ns, info)
     run.check_workers(settings.workers)
-    bank = _abs(ns.bank)
+    bank = ns.bank
     with in_host(ns.host):
         importlib.import_module(info.module).install()
         host = ns.plan(ns, settings)
-        data = voc_datasets(None, _list_path(ns.list), _abs(ns.voc12_root), ns.scales, loader_workers=ns.loader_workers)
-        paths = {"bank_path": bank, "baseline_dir": host.prototype_baseline_dir(_abs(ns.baseline_dir), bank),
+        data = voc_datasets(None, _list_path(ns.list), ns.voc12_root, ns.scales, loader_workers=ns.loader_workers)
+        reads = [r for r in make_reads(ns, None) if r != os.path.splitext(bank)[0] + "_baseline"]
+        paths = {"bank_path": bank, "baseline_dir": host.prototype_baseline_dir(_abs(settings.baseline_dir), bank),
+                 "reads": reads,
                  "meta": {"host": host.name, "proto_list": ns.list, "num_proto_images": len(data.proto_ids), **host.meta}}
         run.launch(prototypes_job, host, data, settings, paths, workers=settings.workers, device=settings.device)
     return 0
@@ -573,6 +622,7 @@ def cmd_make(ns: Any) -> int:
     from lpcam_core.io import check_output_dir
 
     info = ns.info
+    absolute_paths(ns)
     settings = cli_settings(ns, info)
     run.check_workers(settings.workers)
     if not ns.baseline and not ns.bank:
@@ -585,7 +635,7 @@ def cmd_make(ns: Any) -> int:
         host = ns.plan(ns, settings)
         if not ns.baseline:  # fail early on a bank of another checkpoint or host setting
             host.check_bank(PrototypeBank.load(_abs(ns.bank), num_classes=host.num_classes), ns.bank)
-        data = voc_datasets(_list_path(ns.list), None, _abs(ns.voc12_root), ns.scales, loader_workers=ns.loader_workers)
+        data = voc_datasets(_list_path(ns.list), None, ns.voc12_root, ns.scales, loader_workers=ns.loader_workers)
         paths = {"bank_path": None if ns.baseline else _abs(ns.bank), "out_dir": out, "reads": reads,
                  "mode": "overwrite" if ns.overwrite else "resume", "thresholds": info.thresholds}
         run.launch(make_job, host, data, paths, workers=settings.workers, device=settings.device)
@@ -596,7 +646,7 @@ def add_steps(sub: Any, info: base.HostInfo, plan: Any, *, weights_help: str, ne
               weights_required: bool = True, extra: Any = None, bank_help: str = "prototype bank file",
               baseline_dir_help: str = "baseline CAM directory (default <bank>_baseline)") -> None:
     """``prototypes`` and ``make`` of an IRN-family host; ``plan(ns, settings)`` loads its networks."""
-    from .cli import add_settings_flags
+    from .cli import add_settings_flags, count_value, scale_value
 
     def common(p: argparse.ArgumentParser, bank_required: bool) -> None:
         p.add_argument("--host", required=True, help="host checkout (run from its root: voc12/cls_labels.npy is read there)")
@@ -604,11 +654,12 @@ def add_steps(sub: Any, info: base.HostInfo, plan: Any, *, weights_help: str, ne
         p.add_argument("--weights", required=weights_required, help=weights_help)
         p.add_argument("--bank", required=bank_required, help=bank_help)
         p.add_argument("--network", default=network, help=f"host network module (default {network})")
-        p.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.5, 1.5, 2.0], help="inference scales")
+        p.add_argument("--scales", type=scale_value, nargs="+", default=[1.0, 0.5, 1.5, 2.0],
+                       help="inference scales (each in (0, 16])")
         p.add_argument("--workers", type=int, help="spawned processes (default: one per GPU; 0: in-process); "
                        "not with torchrun, which launches the processes itself")
         p.add_argument("--device", help="device (default: cuda:<rank> when there are GPUs, else cpu)")
-        p.add_argument("--loader-workers", type=int, default=0, help="DataLoader workers per process")
+        p.add_argument("--loader-workers", type=count_value, default=0, help="DataLoader workers per process (>= 0)")
         add_settings_flags(p, info)
         if extra is not None:
             extra(p)

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from . import hooks
+from . import compat, hooks
 from .base import HostInfo
 from .lazy import LazyModule
 from .settings import HostSettings, Option, read_settings
@@ -771,11 +771,12 @@ def ensure_bank(original: Callable[..., Any], model: nn.Module, device: Any, arg
     proto_list = settings.proto_list or default_proto_list(args)
     ids = _ids(proto_list)
     baseline_dir = settings.baseline_dir or default_baseline_dir(args, path)
-    npy = getattr(args, "cam_npy_dir", None)
-    if npy:
-        from lpcam_core.io import check_output_dir
+    from lpcam_core.io import check_output_dir
 
-        check_output_dir(baseline_dir, read_dirs=[npy])  # the baselines never go where the LPCAM maps go
+    data = getattr(args, "data_path", None)
+    inputs = [data, os.path.join(data, "JPEGImages"), os.path.join(data, "SegmentationClass")] if data else []
+    # the baselines never go where the LPCAM maps or the images are
+    check_output_dir(baseline_dir, read_dirs=[getattr(args, "cam_npy_dir", None), *inputs])
     picks = prototype_picks(args, ids, settings, int(model.num_classes))
     unique = list(dict.fromkeys(i for _, i in picks))
     logger.info("building the prototype bank %s from %d images of %s", path, len(unique), proto_list)
@@ -869,6 +870,10 @@ def install_shims() -> None:
         hooks.replace_attribute(
             "datasets", "PIL", _make_pil, requires=("VOC12DatasetMS",),
             description="module-local PIL with Image.CUBIC (= BICUBIC; removed in Pillow 10)",
+        )
+        hooks.replace_attribute(
+            "datasets", "np", compat.make_safe_numpy, name="np_safe_load", requires=("VOC12DatasetMS",),
+            description="np.load(allow_pickle=True) of cls_labels.npy with a restricted unpickler",
         )
 
 

@@ -87,7 +87,7 @@ def parse_bool(value: Any, name: str) -> bool:
 def parse_number(value: Any, kind: type, name: str) -> Any:
     """``kind(value)`` (int or float), finite; ``ValueError`` naming ``name`` and the kind expected otherwise."""
     expected = "an integer" if kind is int else "a finite number"
-    if isinstance(value, bool):
+    if isinstance(value, bool) or (kind is int and not isinstance(value, (int, str))):  # 1.7 is not an int
         raise ValueError(f"{name}={short_repr(value)}: expected {expected}")
     try:
         number = kind(value.strip() if isinstance(value, str) else value)
@@ -130,7 +130,7 @@ class Option:
             return None
         try:
             value = self.parse(raw) if self.parse is not None else raw
-        except ValueError as err:
+        except (ValueError, TypeError) as err:
             raise ValueError(f"{where}={short_repr(raw)}: {err}") from None
         if isinstance(value, str) and self.choices and all(isinstance(c, str) for c in self.choices):
             value = value.strip().lower()

@@ -19,7 +19,7 @@ from .classifier import as_linear_weight, classifier_fingerprint
 from .config import short_repr
 from .version import __version__
 
-__all__ = ["PrototypeBank", "BankError", "classifier_fingerprint"]
+__all__ = ["PrototypeBank", "BankError", "classifier_fingerprint", "check_replaceable"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,28 @@ FORMAT_VERSION = 1
 
 class BankError(ValueError):
     """A bank file is unreadable, foreign, or does not fit the model it is used with."""
+
+
+def check_replaceable(path: str | os.PathLike) -> None:
+    """Refuse to write a bank over anything but a bank: a checkpoint, an image or a directory given as the
+    bank path by mistake is never replaced.
+
+    Raises:
+        BankError: ``path`` exists and is not an LPCAM prototype bank file (names the path).
+    """
+    path = os.fspath(path)
+    if not os.path.lexists(path):
+        return
+    if not os.path.isfile(path):
+        raise BankError(f"bank path {path} exists and is not a regular file: choose another bank path")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        ours = isinstance(state, dict) and state.get("format") == FORMAT
+    except Exception:  # not a torch file, or one weights_only refuses
+        ours = False
+    if not ours:
+        raise BankError(f"bank path {path} holds a file that is not an LPCAM prototype bank (a checkpoint or an "
+                        "image?): lpcam never replaces it; choose another bank path or remove the file yourself")
 
 
 class PrototypeBank:
@@ -56,6 +78,10 @@ class PrototypeBank:
     ) -> None:
         context = dict(context or {})
         self.meta: dict[str, Any] = dict(meta or {})
+        for part, table in (("foreground", foreground), ("context", context)):
+            bad = [k for k in table if not _is_index(k)]
+            if bad:
+                raise BankError(f"{part} keys must be int class indices, got {short_repr(bad[0])}")
         self.foreground = {int(k): _as_prototypes(v, f"foreground[{k}]") for k, v in sorted(foreground.items())}
         context = {int(k): _as_prototypes(v, f"context[{k}]", allow_empty=True) for k, v in context.items()}
         dims = {v.shape[1] for v in self.foreground.values()} | {v.shape[1] for v in context.values() if v.numel()}
@@ -186,9 +212,14 @@ class PrototypeBank:
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically (temporary file, then rename): an existing bank is never half-overwritten."""
+        """Write atomically (temporary file, then rename): an existing bank is never half-overwritten.
+
+        Raises:
+            BankError: ``path`` holds something other than a bank (:func:`check_replaceable`).
+        """
         from .io import atomic_write_bytes
 
+        check_replaceable(path)
         buffer = io.BytesIO()
         torch.save(self.state_dict(), buffer)
         atomic_write_bytes(path, buffer.getvalue())
@@ -230,21 +261,27 @@ class PrototypeBank:
             ) from None
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise BankError(f"{path}: not an LPCAM prototype bank (no '{FORMAT}' marker)")
-        if int(state.get("format_version", -1)) > FORMAT_VERSION:
+        version_of_file = state.get("format_version", -1)
+        if not isinstance(version_of_file, int) or isinstance(version_of_file, bool):
+            raise BankError(f"{path}: malformed LPCAM prototype bank (format_version {short_repr(version_of_file)})")
+        if version_of_file > FORMAT_VERSION:
             raise BankError(
                 f"{path}: bank format {state.get('format_version')} is newer than this library reads "
                 f"({FORMAT_VERSION}); upgrade lpcam"
             )
         try:
-            bank = cls(
-                {int(k): v for k, v in state["foreground"].items()},
-                {int(k): v for k, v in state["context"].items()},
-                state.get("meta", {}),
-            )
-        except (KeyError, TypeError, AttributeError) as err:
-            raise BankError(f"{path}: malformed LPCAM prototype bank ({err})") from None
+            tables = []
+            for part in ("foreground", "context"):
+                table = {int(k): v for k, v in state[part].items()}
+                if len(table) != len(state[part]):
+                    raise ValueError(f"two {part} keys name the same class")
+                tables.append(table)
+            bank = cls(tables[0], tables[1], state.get("meta", {}))
         except BankError as err:
             raise BankError(f"{path}: {err}") from None
+        except (KeyError, TypeError, AttributeError, ValueError, RuntimeError, RecursionError) as err:
+            raise BankError(f"{path}: malformed LPCAM prototype bank ({type(err).__name__}: "
+                            f"{short_repr(str(err), 200)})") from None
         version = state.get("library_version")
         bank.library_version = str(version)[:64] if version is not None else None
         bank.check_fits(num_classes=num_classes, feature_dim=feature_dim, classifier_weight=classifier_weight, bias=bias, source=path)
@@ -283,6 +320,13 @@ def _count(value: Any) -> int:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_index(value: Any) -> bool:
+    """An int class index (Python or numpy integer; bools, floats and strings are not)."""
+    import numpy as np
+
+    return _is_int(value) or isinstance(value, np.integer)
 
 
 def _as_prototypes(value: Any, name: str, allow_empty: bool = False) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections import Counter
 from collections.abc import Sequence
 
 from .version import __version__
@@ -57,9 +58,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .eval import metrics
     from .io import read_id_list
 
-    if not 2 <= args.num_classes <= 100_000:
-        raise ValueError(f"--num-classes {args.num_classes}: expected 2..100000 (classes including background)")
+    if not 2 <= args.num_classes <= 1000:  # the confusion matrices grow with its square
+        raise ValueError(f"--num-classes {args.num_classes}: expected 2..1000 (classes including background)")
     ids = read_id_list(args.list)
+    repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
+    if repeated:
+        raise ValueError(f"{args.list}: image {repeated[0]!r} is listed more than once ({len(repeated)} repeated ids); "
+                         "each image counts once in the mIoU")
     names = list(VOC_CLASSES) if args.num_classes == 21 else [str(i) for i in range(args.num_classes)]
     if args.sweep:
         start, stop, step = args.sweep_start, args.sweep_stop, args.sweep_step
@@ -80,6 +85,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         threshold = best
     else:
         threshold = args.threshold
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"--threshold {threshold}: expected a CAM value in [0, 1] (the maps are max-normalised)")
     result = metrics.evaluate_seeds(args.cams, args.gt, ids, threshold, num_classes=args.num_classes,
                                     background=args.background)
     print(f"\nthreshold {threshold}: mIoU {100 * result['miou']:.2f}  precision {100 * result['mean_precision']:.2f}  "
@@ -180,15 +187,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose >= 2:
             raise
         parser.exit(2, f"lpcam {args.command}: error: {describe_error(err)}\n")
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # anything else (a worker's failure, memory, the host's own code): still one line
+        if args.verbose >= 2:
+            raise
+        parser.exit(2, f"lpcam {args.command}: error: {type(err).__name__}: {describe_error(err)} "
+                       "(run with -vv for the traceback)\n")
     return 0
 
 
 def describe_error(err: BaseException) -> str:
     """One line for a failure: the message, or for an OS error what failed and on which path."""
     if isinstance(err, OSError) and err.strerror:  # raised by the OS: what failed, on which path
-        where = f": {err.filename}" if err.filename else ""
+        where = f": {str(err.filename)[:500]}" if err.filename else ""
         return f"{err.strerror}{where}"
-    return " ".join(str(err).split())[:2000]
+    text = str(err).strip()
+    if "Traceback (most recent call last)" in text:  # a spawned worker's failure carries its traceback: its last line
+        text = text.splitlines()[-1]
+    return " ".join(text.split())[:2000]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -145,7 +145,7 @@ def _reseed_empty(labels: torch.Tensor, best: torch.Tensor, counts: torch.Tensor
     return True
 
 
-def _validate(x: torch.Tensor, k: int, max_iter: int, n_init: int, tol: float) -> None:
+def _validate(x: torch.Tensor, k: int, max_iter: int, n_init: int, tol: float, seed: int = 0) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"kmeans: x must be a torch.Tensor [N, C], got {type(x).__name__}")
     if x.ndim != 2:
@@ -160,8 +160,14 @@ def _validate(x: torch.Tensor, k: int, max_iter: int, n_init: int, tol: float) -
         raise ValueError(f"kmeans: x has no feature channels (shape {tuple(x.shape)}): nothing to cluster")
     if k > x.shape[0]:
         raise ValueError(f"kmeans: k={k} is larger than the number of rows ({x.shape[0]})")
-    if max_iter < 1 or n_init < 1 or tol < 0:
-        raise ValueError(f"kmeans: need max_iter >= 1, n_init >= 1, tol >= 0 (got {max_iter}, {n_init}, {tol})")
+    for name, value in (("max_iter", max_iter), ("n_init", n_init), ("seed", seed)):
+        least = 0 if name == "seed" else 1
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"kmeans: {name} must be an int >= {least}, got {value!r}")
+        if value < least:
+            raise ValueError(f"kmeans: {name} must be an int >= {least}, got {value!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+        raise ValueError(f"kmeans: tol must be a number >= 0, got {tol!r}")
     if not all_finite(x):
         raise ValueError("kmeans: x holds NaN or inf values")
 
@@ -193,7 +199,7 @@ def kmeans(
         >>> res.centers.shape, res.labels.shape
         (torch.Size([4, 64]), torch.Size([1000]))
     """
-    _validate(x, k, max_iter, n_init, tol)
+    _validate(x, k, max_iter, n_init, tol, seed)
     x = x.detach()
     n, c = x.shape
     chunk = chunk_rows(n, c)

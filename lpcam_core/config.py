@@ -32,7 +32,7 @@ class LPCAMConfig:
         fallback_best_center: when no class centre passes mu_f, keep the best-scoring one and
             log a warning (the COCO release does this; the VOC release crashes instead).
         images_per_class: COCO's clustering subset: this many images per class, sampled with
-            replacement from the images labelled with the class (``None``: every image).
+            replacement from the images labelled with the class (``None``: every image; at most 10,000).
         seed: seeds K-means, reservoir sampling and image sampling.
         memory_budget_bytes: prototype building stays within this much memory above the process's
             baseline: the pools of all classes together hold at most 85% of it (the rest is headroom for
@@ -96,9 +96,9 @@ class LPCAMConfig:
         need(0.0 < self.context_high <= 1.0, "context_high", "a probability in (0, 1]")
         need(self.context_low < self.context_high, "context_low", f"< context_high ({self.context_high})")
         need(
-            self.images_per_class is None or (is_int(self.images_per_class) and self.images_per_class >= 1),
+            self.images_per_class is None or (is_int(self.images_per_class) and 1 <= self.images_per_class <= 10_000),
             "images_per_class",
-            "None or an int >= 1",
+            "None or an int in 1..10000 (COCO uses 100)",
         )
         need(is_int(self.seed) and 0 <= self.seed < 2**32, "seed", "an int in [0, 2**32)")
         need(is_int(self.memory_budget_bytes) and self.memory_budget_bytes > 0, "memory_budget_bytes", "a positive int")
@@ -200,8 +200,24 @@ def parse_yaml_mapping(text: str, where: str) -> dict[str, Any]:
                 raise ValueError(f"{where}: YAML aliases (*{event.anchor}) are not accepted in LPCAM settings")
             return super().compose_node(parent, index)
 
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, (str, int, float, bool)):
+                    if key in seen:
+                        raise ValueError(f"{where}: key {short_repr(key)} appears twice (the second would silently win)")
+                    seen.add(key)
+            return super().construct_mapping(node, deep)
+
     try:
         data = yaml.load(text, Loader=NoAliasLoader) or {}
+    except RecursionError:
+        raise ValueError(f"{where}: nested too deeply to be a settings file") from None
+    except ValueError as err:  # ours (naming where), or a value YAML itself refuses (a 100,000-digit number)
+        if str(err).startswith(where):
+            raise
+        raise ValueError(f"{where}: {short_repr(str(err), 200)}") from None
     except yaml.YAMLError as err:
         raise ValueError(f"{where}: not valid YAML ({short_repr(str(err), 300)})") from None
     if not isinstance(data, dict):
@@ -220,9 +236,13 @@ def load_yaml_mapping(path: str | os.PathLike, where: str, *, max_bytes: int = _
         raise ValueError(f"{where}: {os.path.getsize(path)} bytes; an LPCAM settings file holds at most {max_bytes}")
     try:
         with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+            text = handle.read(max_bytes + 1)  # /proc files report size 0: read no more than the cap
     except UnicodeDecodeError:
         raise ValueError(f"{where}: not UTF-8 text (expected a YAML file of LPCAM settings)") from None
+    except OSError as err:
+        raise ValueError(f"{where}: cannot read it ({err.strerror or type(err).__name__})") from None
+    if len(text) > max_bytes:
+        raise ValueError(f"{where}: longer than {max_bytes} bytes; an LPCAM settings file holds at most that")
     return parse_yaml_mapping(text, where)
 
 

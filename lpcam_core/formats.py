@@ -50,7 +50,10 @@ def class_keys(keys: Any, where: str) -> np.ndarray:
     Raises:
         ValueError: not 1-D, or a negative index. TypeError: not integers. Messages start with ``where``.
     """
-    arr = _to_numpy(keys)
+    try:
+        arr = _to_numpy(keys)
+    except (ValueError, TypeError, RecursionError) as err:  # ragged or nested lists
+        raise ValueError(f"{where}: 'keys' is not a 1-D list of class indices ({type(err).__name__})") from None
     if arr.ndim != 1:
         raise ValueError(f"{where}: 'keys' must be 1-D [n], got shape {tuple(arr.shape)}")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
@@ -58,6 +61,8 @@ def class_keys(keys: Any, where: str) -> np.ndarray:
     arr = arr.astype(np.int64, copy=False)
     if arr.size and arr.min() < 0:
         raise ValueError(f"{where}: 'keys' must be non-negative 0-based class indices, got {short_repr(arr.tolist())}")
+    if len(np.unique(arr)) < arr.size:
+        raise ValueError(f"{where}: 'keys' repeats a class ({short_repr(arr.tolist())}): one map per class")
     return arr
 
 

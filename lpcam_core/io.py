@@ -35,6 +35,8 @@ __all__ = [
     "check_output_dir",
     "remove_stale_temporaries",
     "temporary_target",
+    "remove_dead_writers_temporaries",
+    "writer_mark",
     "read_id_list",
     "load_label_png",
 ]
@@ -111,7 +113,7 @@ def atomic_open(
     if dest.is_dir():
         raise IsADirectoryError(f"atomic_open: destination {str(dest)!r} is a directory")
 
-    _remove_dead_writers_temporaries(dest)
+    remove_dead_writers_temporaries(dest)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}{_WRITER}.", suffix=".tmp", dir=parent)
     tmp = Path(tmp_name)
     try:
@@ -137,6 +139,11 @@ def atomic_open(
 _WRITER = ".lpcam-{}-{}".format(re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host", os.getpid())
 
 
+def writer_mark(pid: int | None = None) -> str:
+    """``.lpcam-<host>-<pid>``: what an atomic write's temporary name says of its writer (this process by default)."""
+    return _WRITER if pid is None else f"{_WRITER.rsplit('-', 1)[0]}-{pid}"
+
+
 def temporary_target(name: str) -> tuple[str, str | None, int | None]:
     """(target file name, writer host, writer pid) of an atomic write's temporary file name
     ``.<target>.lpcam-<host>-<pid>.<random>.tmp`` (host and pid None for one without a writer mark)."""
@@ -148,8 +155,9 @@ def temporary_target(name: str) -> tuple[str, str | None, int | None]:
     return body[:mark], host or None, int(pid) if pid.isdigit() else None
 
 
-def _remove_dead_writers_temporaries(dest: Path) -> None:
+def remove_dead_writers_temporaries(dest: PathLike) -> None:
     """Remove temporary files of ``dest`` whose writer, a process of this machine, is gone (killed mid-write)."""
+    dest = Path(dest)
     prefix = f".{dest.name}.lpcam-"
     host = _WRITER.split("-")[1]
     try:
@@ -483,8 +491,8 @@ def load_label_png(path: PathLike) -> np.ndarray:
             arr = np.array(im)
     except ValueError:
         raise
-    except OSError as e:
-        if isinstance(e, PermissionError):
-            raise
-        raise ValueError(f"cannot read label PNG {str(p)!r}: {e}") from e
+    except PermissionError:
+        raise
+    except Exception as e:  # OSError, PIL's DecompressionBombError (a tiny file claiming a huge image), ...
+        raise ValueError(f"cannot read label PNG {str(p)!r}: {type(e).__name__}: {_short(e)}") from None
     return arr

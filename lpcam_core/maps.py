@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -43,23 +44,30 @@ def strided_up_size(size: Sequence[int], stride: int) -> tuple[int, int]:
 
 
 def _class_list(classes, name: str = "classes") -> list[int]:
+    """Distinct integer class indices (bools, floats and repeats refused)."""
     if isinstance(classes, torch.Tensor):
         if classes.is_floating_point() or classes.dtype == torch.bool:
             raise TypeError(f"{name} must hold integer class indices, got {classes.dtype}")
-        return [int(c) for c in classes.reshape(-1).tolist()]
-    if isinstance(classes, np.ndarray):
+        out = [int(c) for c in classes.reshape(-1).tolist()]
+    elif isinstance(classes, np.ndarray):
         if not np.issubdtype(classes.dtype, np.integer):
             raise TypeError(f"{name} must hold integer class indices, got {classes.dtype}")
-        return [int(c) for c in classes.reshape(-1)]
-    if isinstance(classes, (int, np.integer)):
-        return [int(classes)]
-    try:
-        out = [c for c in classes]
-    except TypeError:
-        raise TypeError(f"{name} must be a sequence or tensor of class indices, got {type(classes).__name__}") from None
-    if not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in out):
-        raise TypeError(f"{name} must hold integer class indices, got {short_repr(out)}")
-    return [int(c) for c in out]
+        out = [int(c) for c in classes.reshape(-1)]
+    elif isinstance(classes, (bool, np.bool_)):
+        raise TypeError(f"{name} must be class indices, got the bool {classes!r}")
+    elif isinstance(classes, (int, np.integer)):
+        out = [int(classes)]
+    else:
+        try:
+            items = [c for c in classes]
+        except TypeError:
+            raise TypeError(f"{name} must be a sequence or tensor of class indices, got {type(classes).__name__}") from None
+        if not all(isinstance(c, (int, np.integer)) and not isinstance(c, (bool, np.bool_)) for c in items):
+            raise TypeError(f"{name} must hold integer class indices, got {short_repr(items)}")
+        out = [int(c) for c in items]
+    if len(set(out)) < len(out):
+        raise ValueError(f"{name} repeats a class: {short_repr(out)} (one map per class)")
+    return out
 
 
 def _check_features(x: torch.Tensor, name: str, ndims: tuple[int, ...], channels: int | None) -> None:
@@ -164,9 +172,14 @@ def _check_multiscale(features, image_size) -> tuple[int, int]:
     if not isinstance(features, (list, tuple)) or not features:
         raise TypeError("features must be a non-empty list over scales of [2, C, h, w] tensors (image, flipped image)")
     try:
-        height, width = (int(v) for v in image_size)
+        values = list(image_size)
+        if len(values) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+                                       or isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point()
+                                       and v.dtype != torch.bool for v in values):
+            raise TypeError
+        height, width = (int(v) for v in values)
     except (TypeError, ValueError):
-        raise TypeError(f"image_size must be (H, W), got {image_size!r}") from None
+        raise TypeError(f"image_size must be (H, W) integers, got {short_repr(image_size)}") from None
     if height < 1 or width < 1:
         raise ValueError(f"image_size must be positive, got {image_size!r}")
     return height, width
@@ -198,6 +211,8 @@ def lpcam_multiscale(features, bank: PrototypeBank, keys, image_size, *, eps: fl
     """
     if missing not in ("error", "zeros"):
         raise ValueError(f"missing={missing!r}: expected 'error' or 'zeros'")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps={short_repr(eps)}: expected a finite number >= 0")
     height, width = _check_multiscale(features, image_size)
     features = [features] if isinstance(features, torch.Tensor) else list(features)
     requested = _class_list(keys, "keys")

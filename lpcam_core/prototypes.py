@@ -20,6 +20,7 @@ builder one process would hold. Kept rows are always returned in arrival order (
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 
 import numpy as np
@@ -84,6 +85,11 @@ def select_prototypes(
             f"select_prototypes: centers must be [k, {scorer.feature_dim}] to match the classifier, "
             f"got {tuple(getattr(centers, 'shape', ()))}"
         )
+    for name, bound in (("low", low), ("high", high)):
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or math.isnan(bound):
+            raise ValueError(f"select_prototypes: {name} must be a probability bound, got {bound!r}")
+    if not low < high:
+        raise ValueError(f"select_prototypes: need low < high (no centre lies between), got low={low}, high={high}")
     probability = scorer.probability(centers, check_class_index(class_index, scorer.num_classes, "select_prototypes"))
     return (probability > low) & (probability < high)
 
@@ -137,7 +143,7 @@ class PrototypeBuilder:
     """
 
     def __init__(self, num_classes: int, config: LPCAMConfig | None = None, *, class_names: Sequence[str] | None = None):
-        if not isinstance(num_classes, int) or num_classes < 1:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"PrototypeBuilder: num_classes must be an int >= 1, got {num_classes!r}")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"PrototypeBuilder: class_names has {len(class_names)} names for {num_classes} classes")

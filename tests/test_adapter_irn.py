@@ -298,6 +298,44 @@ def test_bank_then_maps_equal_lpcam_multiscale(mini, tmp_path, caplog):
         assert "rebuilding the prototype bank" in caplog.text and "num_clusters" in caplog.text
 
 
+@pytest.mark.parametrize("preset", ["voc", "coco"])
+def test_bank_costs_one_backbone_pass_per_prototype_image(mini, tmp_path, preset):
+    """Missing baselines: the baseline pass's scale-1 view gives the pooled features (no second pass); the
+    baseline files and the bank equal those of the two-pass way (baselines, then a one-scale pass)."""
+    from lpcam_core import PrototypeBank
+
+    cfg = LPCAMConfig.preset(preset, num_clusters=2, context_low=0.0, fallback_best_center=True,
+                             **({"images_per_class": 3} if preset == "coco" else {}))
+    settings = HostSettings(lpcam=cfg)
+    data = proto_data(mini.MiniMSF(), mini.MiniSingle())
+    model = mini.MiniCAM().eval()
+    batches = []
+    model.stage1.register_forward_hook(lambda module, inputs, output: batches.append(inputs[0].shape[0]))
+    host = host_of(model)
+    base.fill_baselines(host, data, str(tmp_path / "two"), host.baseline_fingerprint())
+    two = base.prototype_bank(host, data, str(tmp_path / "two"), str(tmp_path / "two.pt"), settings, {})
+    two_pass_images = sum(batches)
+    batches.clear()
+    one = base.prototype_bank(host, data, str(tmp_path / "one"), str(tmp_path / "one.pt"), settings, {},
+                              fingerprint=host.baseline_fingerprint())
+    views = 2 * len(host.scales)  # (image, flip) at every scale
+    plan = run.clustering_plan(data.labels, cfg, 20)
+    drawn = {item.image_id for item in plan}
+    # one backbone pass (all views) per prototype image; an image drawn again (COCO) runs its scale-1 view again
+    assert sum(batches) == views * len(drawn) + len(plan) - len(drawn)
+    assert two_pass_images == views * len(data.proto_ids) + len(plan)  # the two-pass way: one more image each
+    assert sorted(n for n in os.listdir(tmp_path / "one") if n.endswith(".npy")) == sorted(f"{i}.npy" for i in drawn)
+    for name in drawn:  # the same baseline files, value for value (pickled storages differ by address)
+        a, b = load(tmp_path / "one" / f"{name}.npy"), load(tmp_path / "two" / f"{name}.npy")
+        assert torch.equal(a["keys"], b["keys"]) and torch.equal(a["cam"], b["cam"])
+        assert np.array_equal(a["high_res"], b["high_res"])
+    assert one.classes == two.classes and one.classes
+    for c in one.classes:  # stage4 of a batch of 2 (image, flip) vs of 1: the same arithmetic on this CPU
+        torch.testing.assert_close(one.foreground[c], two.foreground[c], atol=1e-5, rtol=0)
+        torch.testing.assert_close(one.context[c], two.context[c], atol=1e-5, rtol=0)
+    assert PrototypeBank.load(tmp_path / "one.pt").meta["images_seen"] == two.meta["images_seen"]
+
+
 @pytest.mark.slow
 def test_spawned_workers_write_the_same_maps(mini, tmp_path):
     model = mini.MiniCAM().eval()

@@ -75,6 +75,9 @@ def test_info_lists_classes(tmp_path, capsys):
     assert "| 0 | cat | 2 | 1 |" in out
     assert "| 1 | dog | 0 | 0 |" in out
     assert "| 2 | cow | 3 | 0 |" in out
+    from lpcam_core import __version__
+
+    assert f"library version {__version__}," in out  # stored in the bank, not in its meta
 
 
 def test_info_on_foreign_file_names_it(tmp_path, capsys):

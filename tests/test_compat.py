@@ -87,7 +87,8 @@ def test_dataloader_patches(fake_irn):
     assert loader.decode_int_filename("img_7") == "img_7"  # strings pass through
     assert loader.single_obj_len(np.ones(3)) == 3  # np.int inside the host module
     assert not hasattr(np, "int"), "numpy itself must stay unchanged"
-    assert set(hooks.applied_patches(loader)) == {"load_img_name_list", "decode_int_filename", "np"}
+    assert set(hooks.applied_patches(loader)) == {"load_img_name_list", "decode_int_filename", "np", "np_safe_load"}
+    assert loader.np.load is compat.safe_np_load and np.load is not compat.safe_np_load  # the module's numpy only
 
 
 def test_numpy_aliases_during_module_execution(fake_irn):

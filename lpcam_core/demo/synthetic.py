@@ -76,6 +76,7 @@ __all__ = [
     "id_to_int",
 ]
 
+_WRITING_MARK = ".lpcam_synthetic_writing"
 _PARAMS_FILE = "synthetic_params.json"
 #: Values of the part maps.
 PART_NAMES = {0: "background", 1: "head", 2: "body", 3: "legs"}
@@ -630,6 +631,12 @@ def write_voc(cfg: SyntheticConfig, root: str | os.PathLike, progress: bool = Tr
         if cached == record:
             logger.info("synthetic dataset already in %s (same parameters): skipped", root)
             return root
+    writing = root / _WRITING_MARK
+    if root.is_dir() and any(root.iterdir()) and not params_path.is_file() and not writing.is_file():
+        raise FileExistsError(f"{root} holds files lpcam did not write (no {_PARAMS_FILE}): the synthetic dataset "
+                              "replaces its JPEGImages/ and SegmentationClass/, so choose an empty or new folder")
+    root.mkdir(parents=True, exist_ok=True)
+    writing.touch()  # an interrupted write can be redone: the folder stays recognisably lpcam's
     if params_path.exists():
         params_path.unlink()  # invalidate the cache first: a broken write is never reused
     for sub in ("JPEGImages", "SegmentationClass", "SegmentationPart"):
@@ -656,6 +663,7 @@ def write_voc(cfg: SyntheticConfig, root: str | os.PathLike, progress: bool = Tr
         (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
     np.save(root / "cls_labels.npy", cls_labels, allow_pickle=True)
     params_path.write_text(json.dumps(record, indent=2, sort_keys=True))
+    writing.unlink()
     logger.info("wrote %d synthetic images to %s", cfg.num_images, root)
     return root
 

@@ -378,7 +378,10 @@ def _decompose(keys: Any, high_res: Any, background: str, where: str) -> tuple[n
     """
     _check_background(background)
     k = class_keys(keys, where)
-    hr = _to_numpy(high_res)
+    try:
+        hr = _to_numpy(high_res)
+    except (ValueError, TypeError, RecursionError) as err:
+        raise ValueError(f"{where}: high_res is not an array ({type(err).__name__})") from None
     if hr.ndim != 3:
         raise ValueError(f"{where}: high_res must be 3-D [c, H, W], got shape {hr.shape}")
     if not np.issubdtype(hr.dtype, np.floating):

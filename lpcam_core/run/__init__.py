@@ -38,6 +38,7 @@ from .context import (
     all_gather,
     barrier,
     broadcast_object,
+    check_device,
     check_workers,
     device_for,
     gather_object,
@@ -48,6 +49,7 @@ from .context import (
     local_rank,
     raise_on_all_ranks,
     rank,
+    remove_dead_rendezvous,
     shard,
     shard_indices,
     sum_over_ranks,
@@ -70,7 +72,7 @@ from .records import (
 
 __all__ = [
     "RunContext", "launch", "check_workers", "init_from_env", "launched_by_torchrun", "is_initialized", "rank", "world_size",
-    "local_rank", "device_for", "barrier", "broadcast_object", "all_gather", "gather_object", "sum_over_ranks",
+    "local_rank", "check_device", "remove_dead_rendezvous", "device_for", "barrier", "broadcast_object", "all_gather", "gather_object", "sum_over_ranks",
     "raise_on_all_ranks", "shard", "shard_indices", "DEFAULT_TIMEOUT",
     "ClusterItem", "clustering_plan", "select_classes", "merge_builders", "build_from_builder",
     "stream_prototypes", "build_prototypes", "why_not_reusable", "reusable_bank", "peak_rss_mib",

@@ -19,9 +19,10 @@ from typing import Any, Union
 import numpy as np
 import torch
 
-from ..bank import BankError, PrototypeBank
+from ..bank import BankError, PrototypeBank, check_replaceable
 from ..classifier import Scorer, as_scorer
 from ..config import LPCAMConfig, short_repr
+from ..io import remove_dead_writers_temporaries
 from ..pools import merge_cut
 from ..prototypes import PrototypeBuilder, sample_images_per_class
 from .context import all_gather, broadcast_object, gather_object, rank, shard_indices, world_size
@@ -337,8 +338,12 @@ def reusable_bank(path: PathLike | None, scorer: Scorer, config: LPCAMConfig, me
         FileNotFoundError / ValueError: ``required`` and no bank at ``path`` / a bank that does not fit.
     """
     def decide() -> str | None:  # None: reuse; else why not
-        if path is None or not os.path.isfile(path):
+        if path is None or not os.path.lexists(path):
             return "missing"
+        try:
+            check_replaceable(path)
+        except BankError as err:
+            return f"refuse: {err}"
         if rebuild:
             return "rebuild requested"
         try:
@@ -348,9 +353,12 @@ def reusable_bank(path: PathLike | None, scorer: Scorer, config: LPCAMConfig, me
         return why_not_reusable(bank, scorer, config, meta)
 
     why = broadcast_object(decide() if rank() == 0 else None)
+    if why is not None and why.startswith("refuse: "):
+        raise BankError(why[len("refuse: "):])
     if why is None:
         if rank() == 0:
             logger.info("reusing the prototype bank %s (same checkpoint and settings)", path)
+            remove_dead_writers_temporaries(path)  # a killed rebuild's leftover
         return PrototypeBank.load(path)
     if required is not None:
         if why == "missing":

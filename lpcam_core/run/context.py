@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "check_device",
+    "remove_dead_rendezvous",
     "RunContext",
     "launch",
     "check_workers",
@@ -136,10 +138,23 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
+def check_device(requested: str | torch.device, setting: str = "--device / LPCAM_DEVICE") -> torch.device:
+    """``requested`` as a device this machine has, else ``ValueError`` naming ``setting``."""
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{setting} {str(requested)[:40]!r}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise ValueError(f"{setting} {str(requested)[:40]!r}: this machine has {count} CUDA device(s)")
+    return device
+
+
 def device_for(local: int, requested: str | torch.device | None = None) -> torch.device:
-    """``requested`` as is, else ``cuda:<local % GPUs>`` when there is a GPU, else the CPU."""
+    """``requested`` (checked: :func:`check_device`), else ``cuda:<local % GPUs>`` when there is a GPU, else the CPU."""
     if requested:
-        return torch.device(requested)
+        return check_device(requested)
     if torch.cuda.is_available() and torch.cuda.device_count() > 0:
         return torch.device("cuda", local % torch.cuda.device_count())
     return torch.device("cpu")
@@ -226,10 +241,31 @@ def launch(fn: Callable[..., T], *args: Any, workers: int | None = None, device:
     from torch import multiprocessing
 
     logger.info("spawning %d workers", workers)
-    with tempfile.TemporaryDirectory(prefix="lpcam_rendezvous_") as folder:
+    remove_dead_rendezvous()
+    with tempfile.TemporaryDirectory(prefix=f"lpcam_rendezvous_{os.getpid()}_") as folder:
         init = "file://" + os.path.join(folder, "group")
         multiprocessing.spawn(_spawned, nprocs=workers, args=(workers, init, device, fn, args), join=True)
     return None
+
+
+def remove_dead_rendezvous() -> int:
+    """Remove the rendezvous folders of spawning processes that no longer run (a killed parent's); how many."""
+    import shutil
+
+    removed = 0
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        parts = name.split("_")
+        if not name.startswith("lpcam_rendezvous_") or len(parts) < 4 or not parts[2].isdigit():
+            continue
+        try:
+            os.kill(int(parts[2]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            removed += 1
+        except (PermissionError, OverflowError):
+            pass
+    return removed
 
 
 def check_workers(workers: int | None) -> None:

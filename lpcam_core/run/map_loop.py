@@ -26,6 +26,7 @@ from typing import Any, Union
 
 import torch
 
+from ..config import short_repr
 from ..io import check_output_dir, remove_stale_temporaries, should_skip
 from .context import barrier, raise_on_all_ranks, rank, shard, sum_over_ranks, world_size
 from .feed import ItemFeed
@@ -60,6 +61,8 @@ class MapStats:
 
 def check_ids(ids: Iterable[Any]) -> list[str]:
     """The ids as strings; refused when repeated (two processes would write one file) or not plain file names."""
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(f"ids must be a list of image ids, not one string ({short_repr(ids)})")
     ids = [str(i) for i in ids]
     if len(set(ids)) != len(ids):
         dupes = sorted(i for i, n in Counter(ids).items() if n > 1)[:5]

@@ -96,8 +96,8 @@ def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not an lpcam directory record ({err}); remove it") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}: not an lpcam directory record ({type(err).__name__}); remove it") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not an lpcam directory record (a JSON {type(data).__name__}); remove it")
     return data
@@ -121,6 +121,9 @@ def claim_map_dir(out_dir: str | os.PathLike, record: Mapping[str, Any], *, over
             files without a record, and ``overwrite`` is False.
     """
     folder = os.fspath(out_dir)
+    if os.path.isfile(os.path.join(folder, BASELINE_RECORD)):
+        raise ValueError(f"{folder} holds the baseline CAMs a prototype bank is built from ({BASELINE_RECORD}): "
+                         "maps never go there, choose another output directory")
     path = os.path.join(folder, MAPS_RECORD)
     have = read_record(path)
     if have == dict(record):
@@ -129,6 +132,9 @@ def claim_map_dir(out_dir: str | os.PathLike, record: Mapping[str, Any], *, over
         if have is not None:
             os.unlink(path)
         return
+    existing = sum(1 for f in os.listdir(folder) if f.endswith(".npy")) if os.path.isdir(folder) else 0
+    if have is not None and existing == 0:  # a run that failed before its first map: nothing to mix
+        have = None
     if have is not None:
         diff = sorted(k for k in set(record) | set(have) if have.get(k) != record.get(k))
         raise ValueError(
@@ -136,7 +142,6 @@ def claim_map_dir(out_dir: str | os.PathLike, record: Mapping[str, Any], *, over
             f"({ {k: have.get(k) for k in diff} } != { {k: record.get(k) for k in diff} }); resuming would mix "
             "old and new maps: pass --overwrite to recompute every file, or choose another output directory"
         )
-    existing = sum(1 for f in os.listdir(folder) if f.endswith(".npy")) if os.path.isdir(folder) else 0
     if existing:
         raise ValueError(
             f"{folder} holds {existing} map file(s) without {MAPS_RECORD} (an interrupted --overwrite run, or an "
@@ -161,6 +166,9 @@ def check_baseline_record(baseline_dir: str | os.PathLike, record: Mapping[str, 
     Raises:
         ValueError: the directory's record differs from ``record`` (names the differing keys).
     """
+    if os.path.isfile(os.path.join(os.fspath(baseline_dir), MAPS_RECORD)):
+        raise ValueError(f"{baseline_dir} holds maps written by lpcam ({MAPS_RECORD}), not baseline CAMs: choose "
+                         "another baseline directory")
     path = os.path.join(os.fspath(baseline_dir), BASELINE_RECORD)
     have = read_record(path)
     if have is not None:

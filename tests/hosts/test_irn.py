@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -220,6 +221,51 @@ def test_cli_prototypes_then_make(irn):
     assert report["checked"] > 0 and report["worst"] < 1e-5, report
 
 
+def test_cli_never_writes_where_it_reads(irn, tmp_path):
+    """Second adversarial round: prototypes' baseline dir in JPEGImages, a bank over the checkpoint, a relative
+    --voc12-root from another directory, make --overwrite into a bank's baseline dir: refused, nothing changed."""
+    import hashlib
+
+    work, kit = irn["work"], irn["kit"]
+    lpcam = [sys.executable, "-m", "lpcam_core.cli"]
+    images = irn["root"] / "JPEGImages"
+    weights = tmp_path / "w.pth"
+    weights.write_bytes((work / "sess" / "res50_cam.pth").read_bytes())
+    common = ["--host", str(work), "--voc12-root", str(irn["root"]), "--weights", str(weights),
+              "--list", "voc12/small.txt", "--scales", "1.0"]
+
+    def digest():
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in [*images.iterdir(), weights]}
+
+    before = digest()
+    env = {**irn["env"], "LPCAM_K": "2"}
+    cases = [
+        [*lpcam, "irn", "prototypes", *common, "--bank", str(tmp_path / "b.pt"), "--baseline-dir", str(images)],
+        [*lpcam, "irn", "prototypes", *common, "--bank", str(weights)],
+    ]
+    for cmd in cases:
+        proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    sub = tmp_path / "a" / "b"
+    sub.mkdir(parents=True)
+    relative = os.path.relpath(irn["root"], sub)
+    proc = subprocess.run([*lpcam, "irn", "make", "--host", str(work), "--voc12-root", relative, "--weights",
+                           str(weights), "--list", "voc12/small.txt", "--baseline", "--out", str(images)],
+                          cwd=sub, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "same directory" in proc.stderr, proc.stderr[-2000:]
+    assert digest() == before and not [p for p in images.iterdir() if p.suffix != ".jpg"]
+    # a bank's baseline directory (moved by LPCAM_BASELINE_DIR for make) is never overwritten by maps
+    bank = tmp_path / "ok.pt"
+    kit.run([*lpcam, "irn", "prototypes", *common, "--bank", str(bank)], work, env)
+    baseline = tmp_path / "ok_baseline"
+    kept = {p.name: p.read_bytes() for p in baseline.iterdir()}
+    proc = subprocess.run([*lpcam, "irn", "make", *common, "--bank", str(bank), "--out", str(baseline), "--overwrite"],
+                          cwd=work, env={**env, "LPCAM_BASELINE_DIR": str(tmp_path / "elsewhere")},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "baseline CAMs" in proc.stderr, proc.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in baseline.iterdir()} == kept
+
+
 def test_irn_checkout_untouched(irn):
     assert irn["kit"].git_status(irn["host"]) == irn["before"]
     assert irn["before"] == "", f"the IRN checkout was not clean before the tests:\n{irn['before']}"
@@ -273,3 +319,23 @@ def test_cli_under_torchrun_equals_one_process(irn):
     assert "1 written, 6 already complete, 7 ids, 2 process(es)" in again.stderr, again.stderr[-3000:]
     assert again.stderr.count("LPCAM maps of 7 images written") == 1  # rank 0 only
     kit.compare_dirs(root / "tr2" / "cam", root / "plain" / "cam", ids)
+
+
+def test_pipeline_benchmark_smoke(irn, tmp_path):
+    """benchmarks/pipeline.py --smoke on the IRN checkout: every stage runs and the table has its ratios."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    release = os.path.join(os.environ["LPCAM_HOSTS"], "LPCAM")
+    cmd = [sys.executable, os.path.join(root, "benchmarks", "pipeline.py"), "--host", str(irn["host"]), "--smoke",
+           "--json", str(tmp_path / "pipeline.json")]
+    if os.path.isdir(release):
+        cmd += ["--release", release]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=irn["env"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for row in ("baseline CAM pass", "prototype stage", "maps stage", "whole pipeline", "backbone passes per image",
+                "maps stage / lpcam baseline CAM pass", "lpcam pipeline / host's CAM pass"):
+        assert row in proc.stdout, proc.stdout
+    import json
+
+    result = json.loads((tmp_path / "pipeline.json").read_text())
+    lp = result["results"]["lpcam"]
+    assert lp["prototypes"] > 0 and all(lp[k] > 0 for k in ("cam_a", "bank", "maps", "cam_b", "host_a", "host_b"))
