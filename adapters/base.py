@@ -240,11 +240,30 @@ def prototype_bank(host: Host, data: Datasets, baseline_dir: str | None, bank_pa
 def write_lpcam(host: Host, bank: PrototypeBank, bank_path: str, data: Datasets, out_dir: str, *, mode: str,
                 reads: Sequence[str | None] = ()) -> Any:
     """Collective: LPCAM maps of ``data.maps`` into ``out_dir`` (``mode``: resume or overwrite)."""
+    import numpy as np
+
     from lpcam_core import run
 
-    return run.write_maps(data.map_ids, lambda item: host.lpcam(item, bank), out_dir, host.write, mode=mode,
-                          record=host.maps_record("lpcam", bank_path), reads=reads, dataset=data.maps,
-                          num_workers=data.loader_workers, desc=f"LPCAM -> {out_dir}")
+    zero = [0, 0]  # all-zero maps, maps
+
+    def compute(item: Any) -> Any:
+        record = host.lpcam(item, bank)
+        maps = record.get("high_res") if isinstance(record, dict) else None
+        if maps is not None:
+            peaks = [float(np.abs(m).max()) if m.size else 0.0 for m in np.asarray(maps)]
+            zero[0] += sum(1 for p in peaks if p == 0.0)
+            zero[1] += len(peaks)
+        return record
+
+    stats = run.write_maps(data.map_ids, compute, out_dir, host.write, mode=mode,
+                           record=host.maps_record("lpcam", bank_path), reads=reads, dataset=data.maps,
+                           num_workers=data.loader_workers, desc=f"LPCAM -> {out_dir}")
+    zeros, total = run.sum_over_ranks(zero)
+    if zeros and run.rank() == 0:
+        logger.warning("%d of %d LPCAM maps written are all zero (a class with no prototype in the bank, or its context "
+                       "prototypes as similar as its class prototypes everywhere): expected of a barely trained model, "
+                       "not of a trained one", zeros, total)
+    return stats
 
 
 def write_baseline(host: Host, data: Datasets, out_dir: str, *, mode: str, reads: Sequence[str | None] = ()) -> Any:

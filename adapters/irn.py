@@ -71,9 +71,13 @@ def install() -> None:
 def register(subparsers: Any) -> None:
     """``lpcam irn ...`` (entry point ``lpcam.hosts``)."""
     from .cli import add_host_group
+    from .trial import add_try
 
-    add_host_group(subparsers, INFO, lambda sub: irn_family.add_steps(
-        sub, INFO, _plan, weights_help="CAM checkpoint file (IRN saves sess/res50_cam.pth.pth)"))
+    def steps(sub: Any) -> None:
+        irn_family.add_steps(sub, INFO, _plan, weights_help="CAM checkpoint file (IRN saves sess/res50_cam.pth.pth)")
+        add_try(sub, INFO)
+
+    add_host_group(subparsers, INFO, steps)
 
 
 read_settings(INFO.options)  # a malformed LPCAM_* variable fails here, at import, not hours later

@@ -245,7 +245,8 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_docs.py checks the documented commands against it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="synthetic data, tiny DeiT, CPU")
     p.add_argument("--hosts", default=str(REPO / ".hosts"), help="smoke: folder with MCTformer and MCTformer-v2")
@@ -263,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", help="real: trained checkpoint")
     p.add_argument("--model", default="deit_small_MCTformerV2_patch16_224")
     p.add_argument("--layer-index", type=int, default=3)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     opts = p.parse_args(argv)
     if opts.tau is None:
         from lpcam_adapters.mctformer import DEFAULT_TAU

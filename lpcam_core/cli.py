@@ -105,6 +105,34 @@ def host_entry_points() -> dict:
     return {ep.name: ep for ep in sorted(entry_points(group=HOSTS_GROUP), key=lambda ep: ep.name)}
 
 
+def benchmark_names() -> list[str]:
+    """The benchmarks shipped with lpcam (``lpcam_benchmarks``; the repository's ``benchmarks/``)."""
+    import pkgutil
+
+    try:
+        import lpcam_benchmarks
+    except ImportError:  # pragma: no cover - installed without them
+        return []
+    return sorted(m.name for m in pkgutil.iter_modules(lpcam_benchmarks.__path__) if not m.name.startswith("_"))
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import runpy
+
+    rest = list(args.args)
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    saved = sys.argv
+    sys.argv = [f"lpcam bench {args.name}", *rest]
+    try:
+        runpy.run_module(f"lpcam_benchmarks.{args.name}", run_name="__main__", alter_sys=True)
+    except SystemExit as exit_:
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def _command_of(argv: Sequence[str]) -> str | None:
     """The sub-command named in ``argv`` (the first token that is not an option)."""
     for token in argv:
@@ -123,6 +151,13 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lpcam {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    bench = sub.add_parser("bench", help="run a shipped benchmark: lpcam bench NAME [its arguments] (--help each)",
+                           description="Runs one of the benchmarks shipped with lpcam (the repository's benchmarks/) "
+                                       "with the arguments that follow; `lpcam bench NAME --help` shows them.")
+    bench.add_argument("name", choices=benchmark_names(), help="the benchmark")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
+    bench.set_defaults(func=_cmd_bench)
 
     info = sub.add_parser("info", help="what a prototype bank holds, per class",
                           description="Print a prototype bank's settings and its per-class prototype counts.")

@@ -32,6 +32,8 @@ __all__ = [
     "load_mctformer_cam",
     "irn_writer",
     "mctformer_writer",
+    "HOST_LAYOUTS",
+    "write_host_lists",
 ]
 
 
@@ -260,3 +262,52 @@ def irn_writer(path: Path, record: Mapping[str, Any]) -> None:
 def mctformer_writer(path: Path, record: Mapping[int, Any]) -> None:
     """Write MCTformer's ``{class_index: (H, W) map}`` dict, atomically."""
     save_mctformer_cam(path, record, fsync=False)
+
+
+# --------------------------------------------------------------------------- the lists and labels a host reads
+
+#: What each host reads besides VOC's JPEGImages/SegmentationClass, relative to the folder it runs in.
+HOST_LAYOUTS = {
+    "irn": "voc12/train.txt (prototype list), voc12/train_aug.txt (CAM list), voc12/val.txt: one id per line; "
+           "voc12/cls_labels.npy: {int id 2007000032: float32 [20]}",
+    "mctformer": "voc12/train_id.txt (prototype list), voc12/train_aug_id.txt, voc12/val_id.txt: one id per line; "
+                 "voc12/cls_labels.npy: {str id '2007_000032': float32 [20]}",
+}
+HOST_LAYOUTS.update(recam=HOST_LAYOUTS["irn"], amn=HOST_LAYOUTS["irn"])
+
+
+def write_host_lists(host: str, folder: PathLike, labels: Mapping[str, Iterable[int]], train: Iterable[str],
+                     val: Iterable[str], *, proto: Iterable[str] | None = None, num_classes: int = 20) -> list[Path]:
+    """Write the id lists and the label file ``host`` reads (:data:`HOST_LAYOUTS`) under ``folder/voc12``.
+
+    Args:
+        host: ``irn``, ``recam``, ``amn`` or ``mctformer``.
+        folder: the folder the host runs in (its ``voc12/`` is written; existing lists are replaced).
+        labels: image id (``2007_000032``) -> 0-based foreground classes present.
+        train, val: ids of the training (CAM) list and of the validation list.
+        proto: ids of the prototype list (default ``train``).
+        num_classes: length of the label vectors (VOC: 20).
+
+    Returns:
+        The files written.
+    """
+    from .io import atomic_write_bytes
+
+    if host not in HOST_LAYOUTS:
+        raise ValueError(f"host {host!r}: expected one of {sorted(HOST_LAYOUTS)}")
+    train, val = [str(i) for i in train], [str(i) for i in val]
+    proto = train if proto is None else [str(i) for i in proto]
+    voc = Path(folder) / "voc12"
+    voc.mkdir(parents=True, exist_ok=True)
+    names = (("train_id.txt", proto), ("train_aug_id.txt", train), ("val_id.txt", val)) if host == "mctformer" else (
+        ("train.txt", proto), ("train_aug.txt", train), ("val.txt", val))
+    written = []
+    for name, ids in names:
+        written.append(atomic_write_bytes(voc / name, "".join(f"{i}\n" for i in ids).encode()))
+    table = {}
+    for image_id in dict.fromkeys([*train, *val, *proto]):
+        vector = np.zeros(num_classes, np.float32)
+        vector[class_keys(list(labels[image_id]), f"labels[{image_id!r}]")] = 1
+        table[image_id if host == "mctformer" else int(image_id.replace("_", ""))] = vector  # IRN: 2007000032
+    written.append(atomic_save_npy(voc / "cls_labels.npy", table))
+    return written

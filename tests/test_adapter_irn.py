@@ -537,3 +537,27 @@ def test_make_refuses_a_baseline_dir_as_output(mini, tmp_path):
         base.write_baseline(host, maps_data(mini.MiniMSF()), str(tmp_path / "base"), mode="overwrite",
                             reads=[str(tmp_path / "base")])
     assert {p.name: p.read_bytes() for p in (tmp_path / "base").iterdir()} == before
+
+
+def test_all_zero_maps_and_untrained_banks_are_warned_about(mini, tmp_path, caplog):
+    from lpcam_core import PrototypeBank
+
+    model = mini.MiniCAM().eval()
+    host = host_of(model)
+    dataset = mini.MiniMSF()
+    same = torch.rand(2, 8, generator=torch.Generator().manual_seed(0))
+    bank = PrototypeBank({c: same for c in range(3)}, {c: same for c in range(3)})  # context cancels every class
+    bank.save(tmp_path / "cancel.pt")
+    with caplog.at_level("WARNING"):
+        base.write_lpcam(host, bank, str(tmp_path / "cancel.pt"), maps_data(dataset), str(tmp_path / "zero"),
+                         mode="overwrite")
+    assert "LPCAM maps written are all zero" in caplog.text
+    caplog.clear()
+    cfg = LPCAMConfig.preset("voc", num_clusters=2, context_low=0.0, class_threshold=0.99999,
+                             fallback_best_center=True)
+    data = proto_data(mini.MiniMSF(), mini.MiniSingle())
+    with caplog.at_level("WARNING"):
+        built = base.prototype_bank(host, data, str(tmp_path / "base"), str(tmp_path / "b.pt"), HostSettings(lpcam=cfg),
+                                    {}, fingerprint=host.baseline_fingerprint())
+    assert all(len(p) == 1 for p in built.foreground.values())
+    assert "every class kept a single class prototype" in caplog.text

@@ -108,3 +108,32 @@ def test_building_the_parser_imports_no_torch():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_bench_runs_a_shipped_benchmark(capsys):
+    assert main(["bench", "pipeline", "--help"]) == 0
+    assert "--release" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # builds and installs the wheel (no dependencies) into a folder: about 20 s
+def test_the_wheel_ships_the_benchmarks_patches_and_entry_points(tmp_path):
+    """A non-editable install holds what the README promises a pip user: `lpcam bench`, the host patches."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(root)], check=True, capture_output=True, timeout=600,
+                   env={**os.environ, "PIP_NO_INDEX": "1"})
+    assert (target / "lpcam_benchmarks" / "pipeline.py").is_file()
+    assert (target / "lpcam_adapters" / "patches" / "irn.patch").is_file()
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    out = subprocess.run([sys.executable, "-m", "lpcam_core.cli", "bench", "pipeline", "--help"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "--release" in out.stdout, out.stderr[-2000:]
+    probe = "import lpcam_core, lpcam_adapters; print(lpcam_core.__file__, lpcam_adapters.__file__)"
+    where = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert str(target) in where.stdout

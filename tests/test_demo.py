@@ -156,3 +156,30 @@ def test_inference_model_folds_batchnorm_and_keeps_the_features():
         torch.testing.assert_close(fast.features(x), model.features(x), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-4)
     assert torch.equal(fast.classifier.weight, model.classifier.weight)
+
+
+def test_gallery_rows_say_what_their_patches_show(tmp_path):
+    """Each gallery row is named after what most of its shown patches hold (or 'mixed'), checked against the
+    ground-truth part maps of the demo's own data; a head prototype's row never says 'background'."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from lpcam_core import PrototypeBank
+    from lpcam_core.demo.pipeline import prototype_gallery
+    from lpcam_core.demo.synthetic import PART_NAMES, SyntheticConfig, load_voc, write_voc
+
+    cfg = SyntheticConfig(num_classes=3, image_size=64, num_images=24, seed=0)
+    train = load_voc(write_voc(cfg, tmp_path / "voc", progress=False), "train")
+    parts = torch.from_numpy(train.parts.astype(np.int64))
+    onehot = F.one_hot(parts.clamp_max(3), 4).permute(0, 3, 1, 2).float() * (parts != 255)[:, None]
+    features = F.avg_pool2d(onehot, 4) + 1e-3  # [n, 4, 16, 16]: each cell's share of background/head/body/legs
+    bank = PrototypeBank({c: torch.eye(4)[1:] for c in range(3)}, {c: torch.eye(4)[:1] for c in range(3)})
+    picture, rows = prototype_gallery(bank, train, features, classes=[0, 1], per_row=6, patch=16)
+    assert picture.ndim == 3 and len(rows) == 2 * 4
+    for row in rows:
+        proto = (bank.foreground if row["kind"] == "class" else bank.context)[row["class"]][row["index"]]
+        names = {PART_NAMES[int(proto.argmax())], "mixed", "other object", "border"}
+        assert row["part"] in names, row  # a head prototype's patches are not called background
+        if row["part"] not in ("mixed", "other object", "border"):
+            assert row["share"] >= 0.5

@@ -261,3 +261,24 @@ def test_load_label_png_keeps_palette_indices(tmp_path):
     broken.write_bytes(b"not a png")
     with pytest.raises(ValueError, match="broken.png"):
         lio.load_label_png(broken)
+
+
+@pytest.mark.parametrize("host", ["irn", "mctformer"])
+def test_write_host_lists_writes_what_each_host_reads(tmp_path, host):
+    from lpcam_core.formats import write_host_lists
+    from lpcam_core.io import load_npy
+
+    labels = {"2007_000032": [0, 14], "2007_000039": [19], "2008_000002": [3]}
+    write_host_lists(host, tmp_path, labels, train=["2007_000032", "2007_000039"], val=["2008_000002"],
+                     proto=["2007_000032"])
+    voc = tmp_path / "voc12"
+    names = ("train_id.txt", "train_aug_id.txt", "val_id.txt") if host == "mctformer" else (
+        "train.txt", "train_aug.txt", "val.txt")
+    assert [(voc / n).read_text().split() for n in names] == [["2007_000032"], ["2007_000032", "2007_000039"],
+                                                              ["2008_000002"]]
+    table = load_npy(voc / "cls_labels.npy", what="labels")
+    key = "2007_000032" if host == "mctformer" else 2007000032  # MCTformer looks ids up as strings, IRN as ints
+    assert set(table) == (set(labels) if host == "mctformer" else {int(i.replace("_", "")) for i in labels})
+    assert table[key].dtype == np.float32 and table[key].shape == (20,) and np.flatnonzero(table[key]).tolist() == [0, 14]
+    with pytest.raises(ValueError, match="host"):
+        write_host_lists("deeplab", tmp_path, labels, train=[], val=[])

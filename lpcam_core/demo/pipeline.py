@@ -58,6 +58,8 @@ __all__ = [
     "main_from_args",
     "METHODS",
     "images_to_tensor",
+    "prototype_gallery",
+    "cell_part",
     "seed_everything",
 ]
 
@@ -691,8 +693,8 @@ def prototype_gallery(bank, train: SyntheticSplit, features, classes: Sequence[i
 
     The paper's "head / leg / body" picture: each row is one prototype, its patches are the
     feature cells (of the first ``len(features)`` training images) of highest cosine similarity
-    to it, at most one per image. With part maps, each row is named after the part its
-    nearest cells mostly fall on.
+    to it, at most one per image. With part maps, each row is named after the part that covers at least
+    half of most of its cells (:func:`cell_part`), else ``mixed``.
 
     Args:
         bank: The prototype bank.
@@ -731,13 +733,15 @@ def prototype_gallery(bank, train: SyntheticSplit, features, classes: Sequence[i
                     cy, cx = int((y + 0.5) * stride_y), int((x + 0.5) * stride_x)
                     tiles.append(_patch(train.images[j], cy, cx, patch))
                     if train.parts is not None:
-                        hits.append(_cell_part(train, j, y, x, stride_y, stride_x, cls, PART_NAMES))
+                        hits.append(cell_part(train, j, y, x, stride_y, stride_x, cls, PART_NAMES))
                 while len(tiles) < per_row:
                     tiles.append(np.full((patch, patch, 3), 255, np.uint8))
                 name, share = "", 0.0
                 if hits:
                     values, counts = np.unique(hits, return_counts=True)
                     name, share = str(values[counts.argmax()]), float(counts.max() / len(hits))
+                    if share < 0.5:
+                        name = "mixed"  # no part is what most of the shown patches show
                 rows.append({"class": int(cls), "kind": kind, "index": i, "part": name, "share": share})
                 cells.append(tiles)
     if not cells:
@@ -746,9 +750,11 @@ def prototype_gallery(bank, train: SyntheticSplit, features, classes: Sequence[i
     return _gallery_grid(cells, labels, zoom=2), rows
 
 
-def _cell_part(split: SyntheticSplit, index: int, y: int, x: int, stride_y: float, stride_x: float, cls: int,
-               names: dict[int, str]) -> str:
-    """Name of the part most pixels of feature cell ``(y, x)`` of image ``index`` lie on."""
+def cell_part(split: SyntheticSplit, index: int, y: int, x: int, stride_y: float, stride_x: float, cls: int,
+              names: dict[int, str]) -> str:
+    """What feature cell ``(y, x)`` of image ``index`` (the image area the prototype's similarity was taken over)
+    covers: the part (or background) holding at least half of its labelled pixels, ``"other object"`` when that
+    part belongs to another class's object, ``"mixed"`` when nothing holds half."""
     y0, x0 = int(y * stride_y), int(x * stride_x)
     y1, x1 = max(int((y + 1) * stride_y), y0 + 1), max(int((x + 1) * stride_x), x0 + 1)
     part = split.parts[index, y0:y1, x0:x1].ravel()
@@ -757,6 +763,8 @@ def _cell_part(split: SyntheticSplit, index: int, y: int, x: int, stride_y: floa
     if not valid.any():
         return "border"
     values, counts = np.unique(part[valid], return_counts=True)
+    if counts.max() < 0.5 * valid.sum():
+        return "mixed"
     value = int(values[counts.argmax()])
     if value == 0:
         return names[0]

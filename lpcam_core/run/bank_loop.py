@@ -186,6 +186,12 @@ def build_from_builder(builder: PrototypeBuilder, scorer: Scorer, *, out_path: P
         try:
             bank = merged.build(scorer, device=device, progress=progress)
             del merged
+            kept = [len(p) for p in bank.foreground.values()]
+            if kept and max(kept) == 1:
+                logger.warning("every class kept a single class prototype (%d in all): the classifier scored no "
+                               "centre above mu_f=%s for any class, as an untrained or mismatched checkpoint does; "
+                               "LPCAM maps from this bank are close to a plain similarity map", sum(kept),
+                               bank.meta.get("config", {}).get("class_threshold", "?"))
             bank.meta.update(meta or {})
             if out_path is not None:
                 os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)

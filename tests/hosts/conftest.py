@@ -30,10 +30,24 @@ NUM_TRAIN = 20  # IRN's steps divide by len(list) // 20: fewer images per worker
 IMAGE_SIZE = 32
 
 
+EXTRAS = {"hosts": ("cv2", "pydensecrf"), "mctformer": ("timm", "cv2", "sklearn", "pandas")}
+
+
+def require_extra(extra: str) -> None:
+    """Skip, naming the extra to install, when a module the host code imports is missing."""
+    import importlib.util
+
+    missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"the host code imports {', '.join(missing)}: pip install -e '.[test,hosts,mctformer]' "
+                    f"(extra `{extra}`; `make test` installs it)")
+
+
 def host_dir(name: str) -> Path:
-    """``$LPCAM_HOSTS/<name>``; skips the test when it is not there."""
+    """``$LPCAM_HOSTS/<name>``; skips the test when it is not there or the host extras are missing."""
     if not HOSTS:
         pytest.skip(SKIP_REASON)
+    require_extra("hosts")
     path = Path(HOSTS) / name
     if not (path / "run_sample.py").is_file():
         pytest.skip(f"{path} is not a {name} checkout (set {HOSTS_ENV} to the folder holding the clones)")

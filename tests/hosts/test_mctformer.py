@@ -49,6 +49,12 @@ def _hosts_root() -> Path:
     root = os.environ.get("LPCAM_HOSTS")
     if not root:
         pytest.skip("LPCAM_HOSTS is not set: it names the folder holding the MCTformer clone")
+    import importlib.util
+
+    missing = [m for m in ("timm", "cv2", "sklearn", "pandas") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"MCTformer's code imports {', '.join(missing)}: pip install -e '.[test,hosts,mctformer]' "
+                    "(extra `mctformer`; `make test` installs it)")
     clone = Path(root) / "MCTformer"
     if not (clone / "main.py").is_file():
         pytest.skip(f"no MCTformer clone at {clone} (git clone https://github.com/xulianuwa/MCTformer)")

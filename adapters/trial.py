@@ -1,0 +1,165 @@
+"""``lpcam <host> try HOST_DIR``: the host's own pipeline on a small synthetic VOC, on CPU, offline, with and
+without the swap, before anyone spends GPU hours.
+
+What it does (IRN): writes a synthetic VOC-layout dataset (:mod:`lpcam_core.demo.synthetic`) and the lists the
+host reads; makes a work folder of links to the checkout (the checkout itself is never written) holding a
+patched copy of ``run_sample.py``; runs that script twice, as a user would, under
+:func:`lpcam_adapters.cpu.cuda_as_cpu` with ``LPCAM_NO_PRETRAINED=1`` (no ImageNet download):
+
+1. ``LPCAM=0``: train_cam (1 epoch), IRN's own make_cam, eval_cam, cam_to_ir_label;
+2. ``LPCAM=1``: the swapped make_cam (bank + LPCAM maps), eval_cam, cam_to_ir_label, on the same weights.
+
+It prints each command, where the files are and the host's own mIoU of both runs. The numbers of a
+one-epoch model on synthetic images say the plumbing works, not how good LPCAM is.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .base import HostInfo
+
+__all__ = ["RUNNER", "try_irn", "add_try", "host_miou"]
+
+logger = logging.getLogger(__name__)
+
+#: Runs a host script in this process as ``python <script> args`` would, with the CPU shims.
+RUNNER = (
+    "import runpy, sys\n"
+    "from lpcam_adapters.cpu import cuda_as_cpu\n"
+    "script, sys.argv = sys.argv[1], sys.argv[1:]\n"
+    "with cuda_as_cpu():\n"
+    "    runpy.run_path(script, run_name='__main__')\n"
+)
+
+# IRN tests its pass flags with `is True`: any value given turns a pass off.
+IRN_LATER_PASSES_OFF = ["--train_irn_pass", "0", "--make_ins_seg_pass", "0", "--eval_ins_seg_pass", "0",
+                        "--make_sem_seg_pass", "0", "--eval_sem_seg_pass", "0"]
+
+
+def host_miou(stdout: str) -> float | None:
+    """The mIoU IRN's eval_cam prints (``{'iou': ..., 'miou': 0.43}`` or ``np.float64(0.43)``), else None."""
+    found = re.findall(r"'miou': (?:np\.float64\()?([0-9.eE+-]+|nan)", stdout)
+    return float(found[-1]) if found else None
+
+
+def _synthetic_voc(out: Path, images: int, size: int, seed: int) -> tuple[Path, dict[str, list[int]], list[str], list[str]]:
+    """A synthetic VOC root, its labels (id -> 0-based classes), and its train and val ids."""
+    from lpcam_core.demo.synthetic import SyntheticConfig, write_voc
+    from lpcam_core.io import load_npy
+
+    held_out = max(4, images // 4)
+    cfg = SyntheticConfig(num_classes=4, image_size=size, num_images=images + held_out,
+                          val_fraction=held_out / (images + held_out), seed=seed)
+    root = write_voc(cfg, out / "VOC2012", progress=False)
+    table = load_npy(root / "cls_labels.npy", what="labels")  # {2007000032: float32 [4]}
+    train = (root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    val = (root / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    labels = {i: [int(c) for c in table[int(i.replace("_", ""))].nonzero()[0]] for i in train + val}
+    return root, labels, train, val
+
+
+def try_irn(info: HostInfo, host_dir: str, out: str, *, images: int = 20, size: int = 64, epochs: int = 1,
+            seed: int = 0, timeout: float = 3600) -> int:
+    """The try path for IRN (see the module docstring); returns 0 when both runs finished."""
+    from . import cli, irn_family
+
+    checkout = cli.check_checkout(host_dir, info)
+    if images < 20:
+        raise ValueError(f"--images {images}: IRN's steps need at least 20 (they divide the list by 20)")
+    out_dir = Path(out).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"lpcam {info.name} try: {checkout} (never written) -> {out_dir}")
+    from lpcam_core.formats import write_host_lists
+
+    root, labels, train, val = _synthetic_voc(out_dir, images, size, seed)
+    work = irn_family.prepare_workdir(checkout, out_dir / "work")
+    write_host_lists(info.name, work, labels, train, val)  # docs/hosts: the layout each host reads
+    print(f"  synthetic VOC: {root} ({len(train)} train, {len(val)} val images of {size}x{size}); "
+          f"lists and cls_labels in {work / 'voc12'}")
+    script = work / info.entry_script
+    if script.is_symlink():
+        script.unlink()
+        shutil.copyfile(checkout / info.entry_script, script)
+    cli.patch_entry_script(work, info)
+    crf = importlib.util.find_spec("pydensecrf") is not None
+    if not crf:
+        print("  cam_to_ir_label skipped: pydensecrf is not installed (pip install 'lpcam[hosts]')")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LPCAM")}
+    env.update(LPCAM_NO_PRETRAINED="1", LPCAM_WORKERS="0", LPCAM_DEVICE="cpu",
+               PYTHONPYCACHEPREFIX=str(out_dir / "pycache"), PYTHONUNBUFFERED="1")
+    common = ["--voc12_root", str(root), "--num_workers", "0", "--cam_weights_name", "sess/res50_cam.pth",
+              *IRN_LATER_PASSES_OFF]
+    runs = [
+        ("LPCAM=0 (the host's own CAM)", {"LPCAM": "0"},
+         ["--cam_num_epoches", str(epochs), "--cam_batch_size", "4", "--cam_out_dir", "result/cam_own",
+          "--ir_label_out_dir", "result/ir_label_own"]),
+        ("LPCAM=1 (the swap)", {"LPCAM": "1"},
+         ["--train_cam_pass", "0", "--cam_out_dir", "result/cam", "--ir_label_out_dir", "result/ir_label",
+          "--cam_eval_thres", "0.30", "--conf_fg_thres", "0.45", "--conf_bg_thres", "0.25"]),
+    ]
+    results = []
+    for title, extra_env, flags in runs:
+        argv = [*common, *flags] + ([] if crf else ["--cam_to_ir_label_pass", "0"])
+        cmd = [sys.executable, "-c", RUNNER, info.entry_script, *argv]
+        shown = " ".join(f"{k}={v}" for k, v in {**extra_env, "LPCAM_NO_PRETRAINED": "1"}.items())
+        print(f"\n  {title}, in {work}:\n    {shown} python {info.entry_script} {' '.join(argv)}")
+        print(f"    (inside lpcam_adapters.cpu.cuda_as_cpu: {'; '.join(_shims())})")
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=work, env={**env, **extra_env}, capture_output=True, text=True, timeout=timeout)
+        seconds = time.perf_counter() - start
+        log = out_dir / f"{'lpcam' if extra_env['LPCAM'] == '1' else 'own'}.log"
+        log.write_text(proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            print(f"    failed ({proc.returncode}) after {seconds:.0f}s: {last}\n    full log: {log}")
+            return 2
+        results.append((title, host_miou(proc.stdout), seconds, log))
+        print(f"    finished in {seconds:.0f}s; host's eval_cam mIoU {_pct(results[-1][1])}; log {log}")
+    print("\n  files:")
+    print(f"    weights {work / 'sess' / 'res50_cam.pth.pth'}; own CAMs {work / 'result' / 'cam_own'}; LPCAM maps "
+          f"{work / 'result' / 'cam'}; baseline CAMs of the prototype list {work / 'result' / 'cam_baseline'}; "
+          f"bank {work / 'result' / 'lpcam_bank.pt'}" + (f"; ir_label {work / 'result' / 'ir_label'}" if crf else ""))
+    print("\n  | run | IRN eval_cam mIoU (%) | seconds |\n  |---|---:|---:|")
+    for title, miou, seconds, _ in results:
+        print(f"  | {title} | {_pct(miou)} | {seconds:.0f} |")
+    print("\n  A one-epoch model on synthetic images: these numbers check the plumbing, not LPCAM's gain. On VOC with a "
+          "trained checkpoint and a GPU, run the same two commands in your checkout (docs/hosts/irn.md).")
+    return 0
+
+
+def _pct(value: float | None) -> str:
+    return "?" if value is None else f"{100 * value:.1f}"
+
+
+def _shims() -> list[str]:
+    from .cpu import SHIMS
+
+    return list(SHIMS)
+
+
+def add_try(sub: Any, info: HostInfo) -> None:
+    """The ``try`` step of an IRN-family host's command group."""
+    p = sub.add_parser("try", help="the host's pipeline on a small synthetic VOC, CPU, offline, with and without LPCAM",
+                       description="Writes a small synthetic VOC and a work folder of links to HOST_DIR (never written) "
+                                   "with a patched copy of the entry script, then runs the host's own pipeline twice "
+                                   "on the CPU without any download: LPCAM=0 (train 1 epoch, the host's CAM, its "
+                                   "eval, the next step) and LPCAM=1 (the swap, the same eval and next step). Prints "
+                                   "the commands, the files and the host's own mIoU of both runs.")
+    p.add_argument("host_dir", help=f"a {info.title} checkout (never written)")
+    p.add_argument("--out", default=f"lpcam_try_{info.name}", help="work folder (default lpcam_try_<host>)")
+    p.add_argument("--images", type=int, default=20, help="training images (default and least 20)")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--epochs", type=int, default=1, help="train_cam epochs (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="synthetic data seed (default 0)")
+    p.set_defaults(func=lambda ns: try_irn(info, ns.host_dir, ns.out, images=ns.images, size=ns.size,
+                                           epochs=ns.epochs, seed=ns.seed))
