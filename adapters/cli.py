@@ -114,7 +114,7 @@ def check_checkout(host_dir: str | os.PathLike, info: HostInfo) -> Path:
     for rel, text in info.signature.items():
         path = root / rel
         try:  # a FIFO or device never blocks the check: only regular files are read
-            found = path.is_file() and not path.is_symlink() and text in path.read_text(encoding="utf-8", errors="replace")
+            found = path.is_file() and text in path.read_text(encoding="utf-8", errors="replace")
         except OSError:
             found = False
         if not found:

@@ -117,11 +117,14 @@ def load_img_name_list(dataset_path: str | os.PathLike) -> np.ndarray:
     """
     path = os.fspath(dataset_path)
     rows: list[list[int]] = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            tokens = line.split("#", 1)[0].split()
-            if tokens:
-                rows.append([_parse_id(t, path, line_no) for t in tokens])
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line_no, line in enumerate(handle, 1):
+                tokens = line.split("#", 1)[0].split()
+                if tokens:
+                    rows.append([_parse_id(t, path, line_no) for t in tokens])
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text (expected one image id per line)") from None
     widths = {len(r) for r in rows}
     if len(widths) > 1:
         raise ValueError(f"{path}: lines hold different numbers of ids {sorted(widths)}")

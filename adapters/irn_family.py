@@ -121,6 +121,9 @@ def prepare_workdir(
     if not (host / "voc12" / "dataloader.py").is_file():
         raise FileNotFoundError(f"{host} is not an IRN-family checkout (no voc12/dataloader.py)")
     work = Path(workdir).resolve()
+    if work == host or host in work.parents or work in host.parents:
+        raise ValueError(f"work folder {work} and the checkout {host} overlap: the checkout is never written, "
+                         "choose a work folder outside it")
     work.mkdir(parents=True, exist_ok=True)
     for entry in sorted(host.iterdir()):
         if entry.name in (".git", "voc12") or entry.name.startswith("."):
@@ -131,27 +134,32 @@ def prepare_workdir(
     replaced = ({"cls_labels.npy"} if cls_labels is not None else set()) | set(lists or {})
     for entry in sorted((host / "voc12").iterdir()):
         if entry.name not in replaced and entry.name != "__pycache__":
-            _symlink(entry, voc / entry.name)
+            _symlink(entry, voc / entry.name, ours=True)
     if cls_labels is not None:
-        _symlink(Path(cls_labels).resolve(), voc / "cls_labels.npy")
+        _symlink(Path(cls_labels).resolve(), voc / "cls_labels.npy", ours=True)
     for name, value in (lists or {}).items():
         target = voc / name
         if target.is_symlink() or target.exists():
             target.unlink()
         if isinstance(value, (str, os.PathLike)):
-            _symlink(Path(value).resolve(), target)
+            _symlink(Path(value).resolve(), target, ours=True)
         else:
             target.write_text("".join(f"{v}\n" for v in value))
     return work
 
 
-def _symlink(src: Path, dst: Path) -> None:
-    if dst.is_symlink() or dst.exists():
-        if dst.is_symlink() and os.readlink(dst) == str(src):
+def _symlink(src: Path, dst: Path, *, ours: bool = False) -> None:
+    """Link ``dst`` to ``src``; a link is replaced, a file only where ``ours`` (the work folder's own voc12/,
+    whose lists lpcam writes), a folder never."""
+    if dst.is_symlink():
+        if os.readlink(dst) == str(src):
             return
-        if dst.is_dir() and not dst.is_symlink():
-            raise FileExistsError(f"{dst} exists and is a directory; refusing to replace it")
         dst.unlink()
+    elif ours and dst.is_file():
+        dst.unlink()
+    elif dst.exists():
+        raise FileExistsError(f"{dst} exists and is not a link lpcam made: refusing to replace it (choose an empty "
+                              "or new work folder)")
     dst.symlink_to(src)
 
 
@@ -212,19 +220,33 @@ def image_ids(dataset: Any) -> list[str]:
 def voc_datasets(map_list: str | None, proto_list: str | None, voc12_root: str, scales: Sequence[float], *,
                  loader_workers: int = 0) -> base.Datasets:
     """The host's datasets of a pass: maps of ``map_list``, baselines and pooled features of ``proto_list``."""
+    import numpy as np
     import torch
 
-    loader = importlib.import_module("voc12.dataloader")
+    labels_file = os.path.join(os.getcwd(), "voc12", "cls_labels.npy")
+    try:
+        loader = importlib.import_module("voc12.dataloader")  # it reads voc12/cls_labels.npy as it loads
+    except (ValueError, TypeError, AttributeError) as err:
+        raise ValueError(f"{labels_file}: not IRN's labels, a pickled {{2007000032: float32 [20]}} "
+                         f"({type(err).__name__}: {str(err)[:200]})") from None
     data = base.Datasets(loader_workers=loader_workers)
 
     def dataset(cls: Any, image_list: str, **kwargs: Any) -> Any:
         if not os.path.isfile(image_list):
             raise FileNotFoundError(f"image list not found: {image_list} (relative to the host root {os.getcwd()})")
         try:
-            return cls(image_list, voc12_root=voc12_root, **kwargs)
+            made = cls(image_list, voc12_root=voc12_root, **kwargs)
         except KeyError as err:  # the host's label lookup of an id that voc12/cls_labels.npy lacks
             raise ValueError(f"{image_list}: image {loader.decode_int_filename(err.args[0])} has no labels in "
                              "voc12/cls_labels.npy") from None
+        except TypeError as err:  # two ids on a line: the host looks an array up as a key
+            raise ValueError(f"{image_list}: expected one image id per line ({str(err)[:100]})") from None
+        labels = np.asarray(made.label_list)
+        vectors = labels.ndim == 2 and labels.shape[1] == NUM_CLASSES
+        if labels.size and not (vectors and np.isin(labels, (0, 1)).all()):
+            raise ValueError(f"{labels_file}: the labels of {image_list} are not 0/1 vectors of {NUM_CLASSES} "
+                             f"classes (got an array of shape {labels.shape} holding {np.unique(labels)[:5].tolist()})")
+        return made
 
     if map_list is not None:
         data.maps = dataset(loader.VOC12ClassificationDatasetMSF, map_list, scales=tuple(scales))

@@ -303,6 +303,8 @@ class PrototypeBank:
             raise BankError(f"{source}: built on {self.feature_dim}-d features, the model gives {feature_dim}")
         if classifier_weight is not None:
             weight = as_linear_weight(classifier_weight, "classifier_weight")
+            if weight.shape[1] != self.feature_dim:
+                raise BankError(f"{source}: built on {self.feature_dim}-d features, the model gives {weight.shape[1]}")
             expected = self.meta.get("classifier_fingerprint")
             got = classifier_fingerprint(weight, bias)
             if expected is None:
@@ -340,7 +342,12 @@ def _as_prototypes(value: Any, name: str, allow_empty: bool = False) -> torch.Te
         raise BankError(f"PrototypeBank: {name} must be floating point, got {value.dtype}")
     if not bool(torch.isfinite(value).all()):
         raise BankError(f"PrototypeBank: {name} holds NaN or inf values")
-    return value.detach().cpu().float()
+    value = value.detach().cpu().float()
+    if value.numel() and not bool(torch.isfinite(value).all()):
+        raise BankError(f"PrototypeBank: {name} holds values beyond float32's range")
+    if value.numel() and bool((value.norm(dim=1) == 0).any()):
+        raise BankError(f"PrototypeBank: {name} holds an all-zero prototype (it has no direction to compare with)")
+    return value
 
 
 def _plain(value: Any) -> Any:

@@ -222,8 +222,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose >= 2:
             raise
         parser.exit(2, f"lpcam {args.command}: error: {describe_error(err)}\n")
-    except (KeyboardInterrupt, SystemExit):
+    except SystemExit:
         raise
+    except KeyboardInterrupt:  # complete files stay; the next run resumes from them
+        if args.verbose >= 2:
+            raise
+        parser.exit(130, f"lpcam {args.command}: interrupted; finished files are kept and a rerun resumes\n")
     except BaseException as err:  # anything else (a worker's failure, memory, the host's own code): still one line
         if args.verbose >= 2:
             raise

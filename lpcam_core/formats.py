@@ -76,6 +76,8 @@ def _float_array(x: Any, name: str, where: str) -> np.ndarray:
     arr = _to_numpy(x)
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise TypeError(f"{where}: {name!r} must be a numeric array, got dtype {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.floating) and arr.size and not np.isfinite(arr).all():
+        raise ValueError(f"{where}: {name!r} holds NaN or inf values (no map file is written with them)")
     return arr
 
 

@@ -112,6 +112,10 @@ def atomic_open(
         raise FileNotFoundError(f"atomic_open: directory {str(parent)!r} of {str(dest)!r} does not exist")
     if dest.is_dir():
         raise IsADirectoryError(f"atomic_open: destination {str(dest)!r} is a directory")
+    if os.path.lexists(dest) and not dest.is_symlink() and not stat.S_ISREG(os.lstat(dest).st_mode):
+        # a FIFO, a device (/dev/full), a socket: never replaced by a file (a symlink is replaced, its target kept)
+        raise ValueError(f"{str(dest)!r} exists and is not a regular file (a FIFO, device or socket): lpcam does not "
+                         "replace it; choose another output")
 
     remove_dead_writers_temporaries(dest)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}{_WRITER}.", suffix=".tmp", dir=parent)
@@ -129,6 +133,12 @@ def atomic_open(
                 os.fsync(f.fileno())
         os.chmod(tmp, _final_mode(dest))
         os.replace(tmp, dest)
+    except OSError as err:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        if err.filename is None and err.errno is not None:  # ENOSPC from a write or fsync: say which file
+            raise OSError(err.errno, err.strerror, str(dest)) from None
+        raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

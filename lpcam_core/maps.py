@@ -67,6 +67,8 @@ def _class_list(classes, name: str = "classes") -> list[int]:
         out = [int(c) for c in items]
     if len(set(out)) < len(out):
         raise ValueError(f"{name} repeats a class: {short_repr(out)} (one map per class)")
+    if any(c < 0 for c in out):
+        raise ValueError(f"{name} must be 0-based class indices >= 0, got {short_repr(out)}")
     return out
 
 

@@ -440,3 +440,129 @@ def test_a_dead_writer_s_bank_temporary_goes_when_the_bank_is_reused(tmp_path):
     stale.write_bytes(b"half a bank")
     assert run.reusable_bank(tmp_path / "bank.pt", scorer, config, {}) is not None
     assert not stale.exists()
+
+
+# --------------------------------------------------------------------------- round 3
+
+
+def test_a_fifo_or_device_is_never_replaced_by_a_map_file(tmp_path):
+    import stat
+
+    from lpcam_core.formats import save_irn_cam
+    from lpcam_core.io import atomic_write_bytes
+
+    fifo = tmp_path / "2007_000032.npy"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        save_irn_cam(fifo, [0], None, np.zeros((1, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="not a regular file"):
+        atomic_write_bytes(fifo, b"x")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    (tmp_path / "link.npy").symlink_to(fifo)
+    atomic_write_bytes(tmp_path / "link.npy", b"x")  # a link is replaced, what it points to is kept
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and (tmp_path / "link.npy").read_bytes() == b"x"
+
+
+def test_the_demo_never_replaces_a_report_it_did_not_write(tmp_path):
+    from lpcam_core.demo.pipeline import check_demo_folder
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "report.md").write_text("mine")
+    with pytest.raises(FileExistsError, match="report.md"):
+        check_demo_folder(tmp_path / "d")
+    assert (tmp_path / "d" / "report.md").read_text() == "mine"
+    check_demo_folder(tmp_path / "new")
+    (tmp_path / "new" / "report.md").write_text("the demo's")
+    check_demo_folder(tmp_path / "new")  # its own folder: rerun allowed
+
+
+def test_a_work_folder_never_replaces_files_or_overlaps_the_checkout(tmp_path):
+    from lpcam_adapters import irn_family
+
+    host = tmp_path / "irn"
+    (host / "voc12").mkdir(parents=True)
+    (host / "voc12" / "dataloader.py").write_text("# host\n")
+    (host / "README.md").write_text("host readme")
+    for work in (host, host / "work", tmp_path):
+        with pytest.raises(ValueError, match="overlap"):
+            irn_family.prepare_workdir(host, work)
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "README.md").write_text("my notes")
+    with pytest.raises(FileExistsError, match="README.md"):
+        irn_family.prepare_workdir(host, tmp_path / "w")
+    assert (tmp_path / "w" / "README.md").read_text() == "my notes" and (host / "README.md").read_text() == "host readme"
+
+
+def test_demo_threads_are_bounded():
+    from lpcam_core.demo import DemoSettings
+
+    with pytest.raises(ValueError, match="threads"):
+        DemoSettings(threads=5000)
+
+
+def test_a_list_that_is_not_utf8_is_named(tmp_path):
+    from lpcam_adapters import compat
+
+    (tmp_path / "bad.txt").write_bytes(b"2007_000032\n\xff\n")
+    with pytest.raises(ValueError, match="bad.txt: not UTF-8"):
+        compat.load_img_name_list(tmp_path / "bad.txt")
+
+
+@pytest.mark.parametrize("labels, message", [
+    (np.zeros((2, 5), np.float32), "0/1 vectors of 20"),
+    (np.full((2, 20), 2.0, np.float32), "0/1 vectors of 20"),
+    (np.full((2, 20), np.nan, np.float32), "0/1 vectors of 20"),
+])
+def test_host_labels_of_the_wrong_shape_or_values_are_named(tmp_path, monkeypatch, labels, message):
+    import types
+
+    from lpcam_adapters import irn_family
+
+    loader = types.ModuleType("voc12.dataloader")
+
+    class Dataset:
+        def __init__(self, path, voc12_root, scales=None):
+            self.label_list = labels
+            self.img_name_list = np.array([2007000032, 2007000039])
+
+    loader.VOC12ClassificationDatasetMSF = loader.VOC12ClassificationDataset = Dataset
+    loader.decode_int_filename = lambda n: f"{str(int(n))[:4]}_{str(int(n))[4:]}"
+    monkeypatch.setitem(sys.modules, "voc12.dataloader", loader)
+    (tmp_path / "list.txt").write_text("2007_000032\n2007_000039\n")
+    with pytest.raises(ValueError, match=message) as exc:
+        irn_family.voc_datasets(str(tmp_path / "list.txt"), None, str(tmp_path), (1.0,))
+    assert "cls_labels.npy" in str(exc.value)
+
+
+def test_values_beyond_float32_and_cams_beyond_one_are_refused():
+    with pytest.raises(ValueError, match="NaN or inf"):
+        lpcam_map(torch.full((8, 2, 2), 1e200, dtype=torch.float64), _bank(), [1])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        kmeans(torch.tensor([[1e200, 1.0], [1.0, 1e200], [2e200, 1.0]], dtype=torch.float64), 2)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        PrototypeBuilder(3).add(torch.rand(8, 4, 4), torch.full((1, 4, 4), 7.0), [0])
+    with pytest.raises(ValueError, match=">= 0"):
+        lpcam_multiscale([torch.rand(2, 8, 3, 3)], _bank(), [-3, 7], (8, 8), missing="zeros")
+    with pytest.raises(BankError, match="all-zero prototype"):
+        PrototypeBank({1: torch.zeros(1, 8)})
+
+
+def test_map_files_with_nan_are_never_written(tmp_path):
+    from lpcam_core.formats import save_irn_cam
+
+    with pytest.raises(ValueError, match="NaN or inf"):
+        save_irn_cam(tmp_path / "a.npy", [0], None, np.full((1, 4, 4), np.nan, np.float32))
+    assert not (tmp_path / "a.npy").exists()
+
+
+def test_ctrl_c_is_one_line(monkeypatch, capsys):
+    import lpcam_core.cli as core_cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(core_cli, "_cmd_info", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        main(["info", "bank.pt"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 130 and len(err.splitlines()) == 1 and "interrupted" in err

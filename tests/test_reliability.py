@@ -281,7 +281,7 @@ def test_disk_full_during_make_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError) as err:
         io.atomic_write_bytes(out / "a.npy", b"new bytes")
     monkeypatch.setattr(io.os, "fsync", real)
-    assert describe_error(err.value) == "No space left on device"
+    assert describe_error(err.value) == f"No space left on device: {out / 'a.npy'}"  # the file it was writing
     assert sorted(p.name for p in out.iterdir()) == ["a.npy"]  # the old file kept, no temporary left
     assert np.load(out / "a.npy", allow_pickle=True).item()["high_res"].shape == (1, 8, 8)
 

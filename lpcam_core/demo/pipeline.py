@@ -150,8 +150,10 @@ class DemoSettings:
             raise ValueError(f"pool_cam_scales must be one or more positive numbers, got {self.pool_cam_scales}")
         if not self.thresholds or any(not 0 <= t <= 1 for t in self.thresholds):
             raise ValueError(f"thresholds must be one or more values in [0, 1], got {self.thresholds}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ValueError(f"threads must be None or an int >= 1, got {self.threads!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or not 1 <= self.threads <= 4 * (os.cpu_count() or 1)):
+            raise ValueError(f"threads must be None or an int in 1..{4 * (os.cpu_count() or 1)} (4 per CPU core here), "
+                             f"got {self.threads!r}")
 
     @property
     def scales(self) -> tuple[float, ...]:
@@ -950,6 +952,7 @@ def run_demo(out_dir: str | os.PathLike = "lpcam_demo_out", seed: int = 0, *, qu
     """
     settings = demo_settings(seed, quick=quick, **overrides)
     out = Path(out_dir)
+    check_demo_folder(out)
     start = time.perf_counter()
     results = run_pipeline(settings, data_dir if data_dir is not None else out / "data", progress, keep=True)
     artifacts = results.pop("artifacts")
@@ -962,6 +965,21 @@ def run_demo(out_dir: str | os.PathLike = "lpcam_demo_out", seed: int = 0, *, qu
     results["report"] = str(report)
     logger.info("demo finished in %.1f s; report: %s", results["timings"]["total"], report)
     return results
+
+
+DEMO_OUTPUTS = ("report.md", "results.json", "overlay.png", "prototypes.png")
+
+
+def check_demo_folder(out: Path) -> None:
+    """Refuse an output folder holding a file the demo would replace but did not write (a ``report.md`` of
+    the user's): the demo's own folder says so by its ``data/synthetic_params.json`` or ``.lpcam_demo``."""
+    out.mkdir(parents=True, exist_ok=True)
+    ours = (out / ".lpcam_demo").is_file() or (out / "data" / "synthetic_params.json").is_file()
+    clashes = [name for name in DEMO_OUTPUTS if (out / name).exists()]
+    if clashes and not ours:
+        raise FileExistsError(f"{out} holds {', '.join(clashes)}, which the demo did not write and would replace: "
+                              "choose an empty or new --out")
+    (out / ".lpcam_demo").touch()
 
 
 # ----------------------------------------------------------------------------- command line
