@@ -6,7 +6,8 @@ host reads; makes a work folder of links to the checkout (the checkout itself is
 patched copy of ``run_sample.py``; runs that script twice, as a user would, under
 :func:`lpcam_adapters.cpu.cuda_as_cpu` with ``LPCAM_NO_PRETRAINED=1`` (no ImageNet download):
 
-1. ``LPCAM=0``: train_cam (1 epoch), IRN's own make_cam, eval_cam, cam_to_ir_label;
+1. ``LPCAM=0``: train_cam (2 epochs, seeded, learning rate 0.01: IRN's 0.1 can leave a tiny model's CAMs
+   all zero), IRN's own make_cam, eval_cam, cam_to_ir_label;
 2. ``LPCAM=1``: the swapped make_cam (bank + LPCAM maps), eval_cam, cam_to_ir_label, on the same weights.
 
 It prints each command, where the files are and the host's own mIoU of both runs. The numbers of a
@@ -32,16 +33,20 @@ __all__ = ["RUNNER", "try_irn", "add_try", "host_miou"]
 
 logger = logging.getLogger(__name__)
 
-#: Runs a host script in this process as ``python <script> args`` would, with the CPU shims.
+#: Runs a host script in this process as ``python <script> args`` would, with the CPU shims (and a seed: IRN's
+#: training is unseeded, and a one-epoch model can collapse to all-zero CAMs).
 RUNNER = (
-    "import runpy, sys\n"
+    "import os, runpy, sys, torch, numpy, random\n"
     "from lpcam_adapters.cpu import cuda_as_cpu\n"
+    "seed = int(os.environ.get('LPCAM_TRY_SEED', '0'))\n"
+    "torch.manual_seed(seed); numpy.random.seed(seed); random.seed(seed)\n"
     "script, sys.argv = sys.argv[1], sys.argv[1:]\n"
     "with cuda_as_cpu():\n"
     "    runpy.run_path(script, run_name='__main__')\n"
 )
 
 # IRN tests its pass flags with `is True`: any value given turns a pass off.
+# --num_workers is also the number of processes cam_to_ir_label spawns (0 would run nothing).
 IRN_LATER_PASSES_OFF = ["--train_irn_pass", "0", "--make_ins_seg_pass", "0", "--eval_ins_seg_pass", "0",
                         "--make_sem_seg_pass", "0", "--eval_sem_seg_pass", "0"]
 
@@ -68,7 +73,7 @@ def _synthetic_voc(out: Path, images: int, size: int, seed: int) -> tuple[Path, 
     return root, labels, train, val
 
 
-def try_irn(info: HostInfo, host_dir: str, out: str, *, images: int = 20, size: int = 64, epochs: int = 1,
+def try_irn(info: HostInfo, host_dir: str, out: str, *, images: int = 20, size: int = 64, epochs: int = 2,
             seed: int = 0, timeout: float = 3600) -> int:
     """The try path for IRN (see the module docstring); returns 0 when both runs finished."""
     from . import cli, irn_family
@@ -95,13 +100,14 @@ def try_irn(info: HostInfo, host_dir: str, out: str, *, images: int = 20, size: 
     if not crf:
         print("  cam_to_ir_label skipped: pydensecrf is not installed (pip install 'lpcam[hosts]')")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LPCAM")}
-    env.update(LPCAM_NO_PRETRAINED="1", LPCAM_WORKERS="0", LPCAM_DEVICE="cpu",
+    env.update(LPCAM_NO_PRETRAINED="1", LPCAM_WORKERS="0", LPCAM_DEVICE="cpu", LPCAM_TRY_SEED=str(seed),
                PYTHONPYCACHEPREFIX=str(out_dir / "pycache"), PYTHONUNBUFFERED="1")
-    common = ["--voc12_root", str(root), "--num_workers", "0", "--cam_weights_name", "sess/res50_cam.pth",
+    common = ["--voc12_root", str(root), "--num_workers", "1", "--cam_weights_name", "sess/res50_cam.pth",
               *IRN_LATER_PASSES_OFF]
     runs = [
         ("LPCAM=0 (the host's own CAM)", {"LPCAM": "0"},
-         ["--cam_num_epoches", str(epochs), "--cam_batch_size", "4", "--cam_out_dir", "result/cam_own",
+         ["--cam_num_epoches", str(epochs), "--cam_batch_size", "4", "--cam_learning_rate", "0.01",
+          "--cam_out_dir", "result/cam_own",
           "--ir_label_out_dir", "result/ir_label_own"]),
         ("LPCAM=1 (the swap)", {"LPCAM": "1"},
          ["--train_cam_pass", "0", "--cam_out_dir", "result/cam", "--ir_label_out_dir", "result/ir_label",
@@ -159,7 +165,7 @@ def add_try(sub: Any, info: HostInfo) -> None:
     p.add_argument("--out", default=f"lpcam_try_{info.name}", help="work folder (default lpcam_try_<host>)")
     p.add_argument("--images", type=int, default=20, help="training images (default and least 20)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
-    p.add_argument("--epochs", type=int, default=1, help="train_cam epochs (default 1)")
+    p.add_argument("--epochs", type=int, default=2, help="train_cam epochs (default 2)")
     p.add_argument("--seed", type=int, default=0, help="synthetic data seed (default 0)")
     p.set_defaults(func=lambda ns: try_irn(info, ns.host_dir, ns.out, images=ns.images, size=ns.size,
                                            epochs=ns.epochs, seed=ns.seed))

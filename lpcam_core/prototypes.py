@@ -519,6 +519,11 @@ class PrototypeBuilder:
             "features_seen": {f"{kind}/{key}": pool.seen for (kind, key), pool in sorted(self.pools.items())},
             "features_clustered": {f"{kind}/{key}": pool.held for (kind, key), pool in sorted(self.pools.items())},
         }
+        if not foreground:
+            raise ValueError(
+                f"no class has a feature above tau={cfg.fg_threshold} in the {self.images_seen} prototype image(s): "
+                "their baseline CAMs are all zero or below tau, as an untrained or collapsed classifier gives; "
+                "no prototype bank can be built from this checkpoint")
         return PrototypeBank(foreground, context, meta)
 
     def _cluster(self, kind: str, key: int, device: torch.device) -> torch.Tensor | None:

@@ -259,9 +259,9 @@ def test_amns_own_maps_are_random_with_dropout_on(amn, host_maps):
 
 def test_two_spawned_workers(amn, stage_b):
     stdout = run_sample(amn, "--make_amn_cam_pass", "True", "--amn_cam_out_dir", "result/amn_cam_spawn",
-                        LPCAM_WORKERS="2")
+                        LPCAM_WORKERS="2", LPCAM_AMN_BANK="result/bank_amn_spawn.pt")
     assert stdout.count("spawning 2 workers") == 1  # one pass: AMN maps, bank and LPCAM maps in the 2 processes
-    assert "reusing the prototype bank" in stdout
+    assert "saved PrototypeBank" in stdout and "prototype images:" in stdout  # the bank built by the 2 processes
     work = amn["work"]
     for name in amn["ids"]:
         for sub_a, sub_b in (("amn_cam_spawn_baseline", "amn_cam_baseline"), ("amn_cam_spawn", "amn_cam")):

@@ -6,6 +6,7 @@ Run: ``LPCAM_HOSTS=/work/main/.hosts pytest -m hosts tests/hosts/test_irn.py``.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,6 +57,7 @@ model.load_state_dict(torch.load("sess/res50_cam.pth"), strict=True)
 model.eval()
 dataset = voc12.dataloader.VOC12ClassificationDatasetMSF("voc12/train_aug.txt", voc12_root={root!r}, scales=(1.0, 0.5, 1.5, 2.0))
 import os
+import re
 os.makedirs("result/cam_host", exist_ok=True)
 step.make_cam._work(0, model, [dataset], argparse.Namespace(num_workers=0, cam_out_dir="result/cam_host"))
 print()
@@ -166,7 +168,7 @@ def test_lpcam_two_spawned_workers(irn, tmp_path):
     work = irn["work"]
     # Half of the baseline is there already: the spawned workers compute the other half.
     baseline = work / "result" / "cam_spawn_baseline"
-    baseline.mkdir()
+    baseline.mkdir(parents=True)
     for name in irn["ids"][::2]:
         shutil.copyfile(work / "result" / "cam_host" / f"{name}.npy", baseline / f"{name}.npy")
     config = tmp_path / "lpcam.yaml"
@@ -177,7 +179,8 @@ def test_lpcam_two_spawned_workers(irn, tmp_path):
     )
     assert stdout.count("spawning 2 workers") == 1  # one pass: baselines, bank and maps in the 2 processes
     half, total = len(irn["ids"]) // 2, len(irn["ids"])
-    assert f"{half} written, {total - half} already complete, {total} ids, 2 process(es)" in stdout
+    # the bank loop writes the missing baselines and pools the same backbone pass
+    assert f"prototype images: {half} baseline CAMs written" in stdout and f"{total - half} read back" in stdout
     for name in irn["ids"][1::2]:  # IRN's maps, up to the rounding of another CPU thread count
         a = np.load(baseline / f"{name}.npy", allow_pickle=True).item()
         b = np.load(work / "result" / "cam_host" / f"{name}.npy", allow_pickle=True).item()
@@ -200,7 +203,7 @@ def test_bank_reused_then_rebuilt_when_settings_change(irn):
     first = run_sample(irn, *flags, **env)
     assert "saved PrototypeBank" in first and "3 written, 0 already complete, 3 ids" in first
     again = run_sample(irn, *flags, **env)
-    assert "reusing the prototype bank" in again and "0 written, 3 already complete, 3 ids" in again
+    assert "reusing the prototype bank" in again and "baseline CAMs written" not in again  # no baseline pass
     changed = run_sample(irn, *flags, **env, LPCAM_K="2")
     assert "rebuilding the prototype bank" in changed and "num_clusters" in changed
 
@@ -339,3 +342,22 @@ def test_pipeline_benchmark_smoke(irn, tmp_path):
     result = json.loads((tmp_path / "pipeline.json").read_text())
     lp = result["results"]["lpcam"]
     assert lp["prototypes"] > 0 and all(lp[k] > 0 for k in ("cam_a", "bank", "maps", "cam_b", "host_a", "host_b"))
+
+
+@pytest.mark.slow  # trains IRN's ResNet-50 for one epoch on 20 tiny images, then both passes: about 3 minutes
+def test_try_runs_the_readme_host_path(irn, tmp_path):
+    """`lpcam irn try <checkout>`: the README's host path (patched run_sample.py, train_cam, make_cam, eval_cam,
+    cam_to_ir_label) with LPCAM=0 and with the swap, offline on CPU; files and IRN's own mIoU printed."""
+    env = {k: v for k, v in irn["env"].items() if not k.startswith("LPCAM")}
+    proc = subprocess.run([sys.executable, "-m", "lpcam_core.cli", "irn", "try", str(irn["host"]), "--out",
+                           str(tmp_path / "try")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.strip().startswith("| LPCAM=")]
+    assert len(rows) == 2 and all(re.search(r"\| \d+\.\d \|", r) for r in rows), proc.stdout  # IRN's own mIoU
+    work = tmp_path / "try" / "work"
+    ids = (work / "voc12" / "train_aug.txt").read_text().split()
+    for folder in ("cam_own", "cam", "cam_baseline"):
+        assert len(list((work / "result" / folder).glob("*.npy"))) == len(ids), folder
+    assert (work / "result" / "lpcam_bank.pt").is_file() and (work / "sess" / "res50_cam.pth.pth").is_file()
+    assert len(list((work / "result" / "ir_label").glob("*.png"))) == len(ids)
+    assert irn["kit"].git_status(irn["host"]) == irn["before"]
