@@ -278,17 +278,49 @@ def stage_release(job: dict[str, Any]) -> dict[str, Any]:
     base_rss = rss_mib()
     devnull = open(os.devnull, "w")  # the release prints per class and per K-means iteration
     stdout, sys.stdout = sys.stdout, devnull
+    lpcam_prototypes_for = []
     try:
         with cuda_as_cpu():
             step.make_cam.run = timing("make_cam", step.make_cam.run)
             step.make_cam.run(ns)
-            step.make_lpcam.run(ns)
+            # step.make_lpcam.run(ns), call by call, so the workspace can be looked at between them
+            step.make_lpcam.save_feature(save_dir=os.path.join(ns.work_space, "cam_feature"),
+                                         ckpt_path=ns.cam_weights_name, voc12_root=ns.voc12_root)
+            step.make_lpcam.load_feature_select_and_cluster(
+                workspace=ns.work_space, feature_dir=os.path.join(ns.work_space, "cam_feature"), mask_dir=ns.cam_out_dir,
+                ckpt_path=ns.cam_weights_name)
+            lpcam_prototypes_for = _fill_empty_classes(ns.work_space, Path(job["out"]) / "lpcam_bank.pt")
+            step.make_lpcam.make_lpcam(workspace=ns.work_space, lpcam_out_dir=ns.lpcam_out_dir,
+                                       ckpt_path=ns.cam_weights_name, voc12_root=ns.voc12_root,
+                                       list_name="voc12/train_aug.txt")
     finally:
         sys.stdout = stdout
         devnull.close()
     return {"cam": times["make_cam"], "features": times["save_feature"],
             "cluster": times["load_feature_select_and_cluster"], "maps": times["make_lpcam"],
-            "rss": rss_mib(), "work_mib": rss_mib() - base_rss, "gpu_mib": _gpu_peak()}
+            "rss": rss_mib(), "work_mib": rss_mib() - base_rss, "gpu_mib": _gpu_peak(),
+            "lpcam_prototypes_for": lpcam_prototypes_for}
+
+
+def _fill_empty_classes(workspace: str, bank_path: Path) -> list[int]:
+    """The release's VOC code stops in make_lpcam at a class none of whose centres passed mu_f (any untrained
+    classifier leaves such classes): those classes get lpcam's prototypes (same count of maps to compute), so
+    its maps stage can be timed; returns them."""
+    import torch
+
+    from lpcam_core import PrototypeBank
+
+    centers = torch.load(os.path.join(workspace, "class_ceneters.pt"), weights_only=True)
+    empty = [c for c, v in centers.items() if v.shape[0] == 0]
+    if empty:
+        bank = PrototypeBank.load(bank_path)
+        context = torch.load(os.path.join(workspace, "class_context.pt"), weights_only=True)
+        for c in empty:
+            centers[c] = bank.foreground[c].clone()
+            context[c] = bank.context.get(c, torch.zeros(0, bank.feature_dim)).clone()
+        torch.save(centers, os.path.join(workspace, "class_ceneters.pt"))
+        torch.save(context, os.path.join(workspace, "class_context.pt"))
+    return empty
 
 
 def _gpu_peak() -> float | None:
@@ -356,6 +388,10 @@ def table(res: dict[str, Any], job: dict[str, Any]) -> tuple[str, dict[str, floa
     if not rel:
         lines.append("")
         lines.append(f"release: {res.get('release_skipped', 'not run')}")
+    elif rel.get("lpcam_prototypes_for"):
+        lines.append("")
+        lines.append(f"release: no centre of class(es) {rel['lpcam_prototypes_for']} passed its mu_f (a random-init "
+                     "classifier's), where its VOC code stops; its maps stage ran on lpcam's prototypes for them")
     return "\n".join(lines), ratios
 
 
