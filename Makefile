@@ -21,10 +21,10 @@ $(STAMP): $(PY) setup.cfg pyproject.toml
 	PYTHONDONTWRITEBYTECODE= $(PY) -c 'import numpy, PIL, imageio, tqdm, yaml, torch'
 	touch $(STAMP)
 
-# `make test` adds the hosts and mctformer extras: what the host integration tests need
+# `make test` adds the hosts, mctformer and clip-es extras: what the host integration tests need
 # (LPCAM_HOSTS=<folder of host clones> make test); the demo does without them.
 $(HOSTS_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet --no-compile -e '.[test,hosts,mctformer]'
+	$(PY) -m pip install --quiet --no-compile -e '.[test,hosts,mctformer,clip-es]'
 	touch $(HOSTS_STAMP)
 
 install: $(STAMP)

@@ -34,6 +34,7 @@ __all__ = [
     "explain_text",
     "add_settings_flags",
     "settings_env",
+    "run_host_script",
     "SETTINGS_FLAGS",
     "IMPORT_LINE",
 ]
@@ -283,3 +284,41 @@ def _cmd_patch(ns: argparse.Namespace) -> int:
     status = patch_entry_script(ns.host_dir, ns.info, revert=ns.revert, check=ns.check)
     sys.stdout.write(f"{Path(ns.host_dir) / ns.info.entry_script}: {status}\n")
     return 0
+
+
+def run_host_script(host_dir: str | os.PathLike, script: str, argv: list[str], *, environ: dict[str, str] | None = None,
+                    install: Callable[[], None] | None = None) -> None:
+    """Run ``<host_dir>/<script>`` in this process as ``python <script> argv`` would, with an adapter installed.
+
+    ``sys.path`` gets ``host_dir`` first and ``sys.argv`` is ``[script, *argv]``; the working directory is
+    left as it is (run it from the checkout when the host reads files relative to it). ``environ``
+    (``LPCAM``, ``LPCAM_BANK``, ...) is set for the run; it, ``sys.argv`` and ``sys.path`` are restored after.
+
+    Args:
+        host_dir: the host checkout (never written).
+        script: the entry script, relative to ``host_dir``.
+        argv: the script's arguments.
+        environ: variables set for the run.
+        install: the adapter's ``install`` (its patches), called first.
+    """
+    import runpy
+
+    path = os.path.join(os.fspath(host_dir), script)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{host_dir}: no {script} (not a checkout of this host)")
+    if install is not None:
+        install()
+    saved_argv, saved_path = list(sys.argv), list(sys.path)
+    saved_env = {k: os.environ.get(k) for k in (environ or {})}
+    os.environ.update({k: str(v) for k, v in (environ or {}).items()})
+    sys.argv = [path, *argv]
+    sys.path.insert(0, os.path.abspath(os.fspath(host_dir)))
+    try:
+        runpy.run_path(path, run_name="__main__")
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -6,6 +6,7 @@ The hosts' training and inference steps are written for GPUs: ``model.cuda()``,
 ``torch.cuda.synchronize()``. Inside :func:`cuda_as_cpu` on a machine without CUDA:
 
 * ``Tensor.cuda()`` and ``Module.cuda()`` return the tensor or module unchanged (it stays on the CPU);
+  ``.to("cuda:0")`` (a string or ``torch.device`` of type cuda) moves to the CPU instead;
 * ``torch.cuda.device(i)`` is a no-op context and ``torch.cuda.synchronize()`` does nothing;
 * ``torch.cuda.device_count()`` is 1, so the hosts split their data for one worker;
 * ``torch.multiprocessing.spawn(fn, args, nprocs)`` calls ``fn(i, *args)`` in this process.
@@ -23,7 +24,7 @@ from typing import Any
 __all__ = ["cuda_as_cpu", "SHIMS"]
 
 SHIMS = (
-    "Tensor.cuda / Module.cuda: unchanged (CPU)",
+    "Tensor.cuda / Module.cuda: unchanged (CPU); .to('cuda:N'): .to('cpu')",
     "torch.cuda.device: no-op context; torch.cuda.synchronize: no-op; torch.cuda.device_count: 1",
     "torch.multiprocessing.spawn: the processes run one after another in this process",
 )
@@ -32,6 +33,27 @@ SHIMS = (
 def _spawn_in_process(fn: Any, args: tuple = (), nprocs: int = 1, join: bool = True, **kwargs: Any) -> None:
     for process_index in range(nprocs):
         fn(process_index, *args)
+
+
+def _cuda_to_cpu(value: Any) -> Any:
+    import torch
+
+    if isinstance(value, str) and value.split(":")[0] == "cuda":
+        return "cpu"
+    if isinstance(value, torch.device) and value.type == "cuda":
+        return torch.device("cpu")
+    return value
+
+
+def _to_cpu_instead(real_to: Any) -> Any:
+    def to(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            args = (_cuda_to_cpu(args[0]), *args[1:])
+        if "device" in kwargs:
+            kwargs["device"] = _cuda_to_cpu(kwargs["device"])
+        return real_to(self, *args, **kwargs)
+
+    return to
 
 
 @contextlib.contextmanager
@@ -48,11 +70,14 @@ def cuda_as_cpu() -> Iterator[bool]:
         yield False
         return
     saved = [(torch.Tensor, "cuda", torch.Tensor.cuda), (torch.nn.Module, "cuda", torch.nn.Module.cuda),
+             (torch.Tensor, "to", torch.Tensor.to), (torch.nn.Module, "to", torch.nn.Module.to),
              (torch.cuda, "device", torch.cuda.device), (torch.cuda, "device_count", torch.cuda.device_count),
              (torch.cuda, "synchronize", torch.cuda.synchronize),
              (torch.multiprocessing, "spawn", torch.multiprocessing.spawn)]
     torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
     torch.nn.Module.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
+    torch.Tensor.to = _to_cpu_instead(torch.Tensor.to)  # type: ignore[method-assign]
+    torch.nn.Module.to = _to_cpu_instead(torch.nn.Module.to)  # type: ignore[method-assign]
     torch.cuda.device = lambda *args, **kwargs: contextlib.nullcontext()  # type: ignore[assignment]
     torch.cuda.device_count = lambda: 1
     torch.cuda.synchronize = lambda *args, **kwargs: None

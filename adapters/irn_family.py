@@ -102,8 +102,9 @@ def prepare_workdir(
     *,
     cls_labels: str | os.PathLike | None = None,
     lists: Mapping[str, str | os.PathLike | Sequence[str]] | None = None,
+    marker: str = "voc12/dataloader.py",
 ) -> Path:
-    """A run directory for an IRN-family host that leaves the host checkout untouched.
+    """A run directory for an IRN-family host (or CLIP-ES) that leaves the host checkout untouched.
 
     The hosts import ``step``, ``net``, ``misc``, ``voc12`` relative to the working directory and read
     ``voc12/cls_labels.npy`` there. ``workdir`` gets a symlink to every top-level entry of ``host_dir``
@@ -116,10 +117,11 @@ def prepare_workdir(
         workdir: directory to create or refresh.
         cls_labels: IRN-style ``{int id: float32 [20]}`` file replacing the host's.
         lists: ``{"train.txt": path or list of ids, ...}`` replacing or adding ``voc12`` lists.
+        marker: a file every checkout of the host holds (CLIP-ES: ``generate_cams_voc12.py``).
     """
     host = Path(host_dir).resolve()
-    if not (host / "voc12" / "dataloader.py").is_file():
-        raise FileNotFoundError(f"{host} is not an IRN-family checkout (no voc12/dataloader.py)")
+    if not (host / marker).is_file() or not (host / "voc12").is_dir():
+        raise FileNotFoundError(f"{host} is not a checkout of this host (no {marker} and voc12/)")
     work = Path(workdir).resolve()
     if work == host or host in work.parents or work in host.parents:
         raise ValueError(f"work folder {work} and the checkout {host} overlap: the checkout is never written, "

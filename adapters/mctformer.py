@@ -828,26 +828,11 @@ def run_host_main(host_dir: str | os.PathLike, argv: Sequence[str], environ: Map
         argv: ``main.py`` arguments.
         environ: Variables set for the run (``LPCAM``, ``LPCAM_BANK``, ...), restored afterwards.
     """
-    import runpy
+    from .cli import run_host_script
 
-    main = os.path.join(os.fspath(host_dir), "main.py")
-    if not os.path.isfile(main):
+    if not os.path.isfile(os.path.join(os.fspath(host_dir), "main.py")):
         raise FileNotFoundError(f"{host_dir}: no main.py (not an MCTformer checkout)")
-    install()
-    saved_argv, saved_path = list(sys.argv), list(sys.path)
-    saved_env = {k: os.environ.get(k) for k in (environ or {})}
-    os.environ.update({k: str(v) for k, v in (environ or {}).items()})
-    sys.argv = [main, *argv]
-    sys.path.insert(0, os.path.abspath(os.fspath(host_dir)))
-    try:
-        runpy.run_path(main, run_name="__main__")
-    finally:
-        sys.argv, sys.path[:] = saved_argv, saved_path
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    run_host_script(host_dir, "main.py", list(argv), environ=dict(environ or {}), install=install)
 
 
 # --------------------------------------------------------------------------- registration

@@ -27,6 +27,7 @@ _EXPORTS = {
     "Scorer": "classifier",
     "LinearScorer": "classifier",
     "PerClassScorer": "classifier",
+    "CosineScorer": "classifier",
     "lpcam_map": "maps",
     "lpcam_multiscale": "maps",
     "LPCAM": "extractor",

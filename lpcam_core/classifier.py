@@ -3,7 +3,8 @@
 A centre (a raw mean of local features, [C]) is scored as the classifier scores one local feature:
 ``p = softmax(centre @ W.T + b)``. :class:`LinearScorer` does that for any Linear, 1x1 conv or
 k x k conv head (taps summed: the exact response to a constant map); a host whose classifier
-depends on the class being scored (AMN's label-conditioned head) gives a :class:`PerClassScorer`.
+depends on the class being scored (AMN's label-conditioned head) gives a :class:`PerClassScorer`; a
+CLIP-style classifier (text embeddings, cosine similarity, a logit scale) gives a :class:`CosineScorer`.
 Every probability is computed in float32 with autocast off.
 """
 
@@ -23,6 +24,7 @@ __all__ = [
     "Scorer",
     "LinearScorer",
     "PerClassScorer",
+    "CosineScorer",
     "as_scorer",
 ]
 
@@ -150,6 +152,68 @@ class PerClassScorer:
 
     def fingerprint(self) -> str:
         return self._fingerprint
+
+
+class CosineScorer:
+    """``softmax(scale * cos(to_space(centre), rows))`` over all rows; class c is row c.
+
+    A CLIP-style classifier: the rows are text embeddings (one per class prompt, then any extra rows such
+    as background prompts, which take part in the softmax but are never scored), and ``to_space`` maps a
+    centre of the local features into the embedding space (CLIP's ``ln_post`` and ``proj``; None when the
+    features are in that space already).
+
+    Args:
+        rows: [rows, D] embeddings; the first ``num_classes`` are the classes.
+        scale: the logit scale (CLIP: ``logit_scale.exp()``, 100).
+        num_classes: classes among the rows (default: all rows).
+        to_space: an ``nn.Module`` [k, C] -> [k, D] applied to the centres (float32, no gradient).
+        feature_dim: C (default D; required with ``to_space``).
+
+    Example:
+        >>> scorer = CosineScorer(text_features, scale=100.0)     # centres already in the text space
+        >>> scorer.probability(centres, 3)                        # [k]
+    """
+
+    def __init__(self, rows: torch.Tensor, *, scale: float = 1.0, num_classes: int | None = None,
+                 to_space: nn.Module | None = None, feature_dim: int | None = None) -> None:
+        self.rows = as_linear_weight(rows, "rows").float()
+        total = int(self.rows.shape[0])
+        num_classes = total if num_classes is None else num_classes
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 0 < num_classes <= total:
+            raise ValueError(f"num_classes={num_classes!r}: expected an int in 1..{total} (the rows given)")
+        scale = float(scale)
+        if not (scale > 0 and scale < float("inf")):
+            raise ValueError(f"scale={scale!r}: expected a positive finite logit scale")
+        if to_space is not None and not isinstance(to_space, nn.Module):
+            raise TypeError(f"to_space must be an nn.Module (its tensors identify the classifier), got "
+                            f"{type(to_space).__name__}")
+        if to_space is not None and feature_dim is None:
+            raise ValueError("feature_dim is required with to_space (the length of a centre before it)")
+        self.scale = scale
+        self.num_classes = num_classes
+        self.to_space = to_space
+        self.feature_dim = int(feature_dim if feature_dim is not None else self.rows.shape[1])
+
+    def probability(self, centers: torch.Tensor, class_index: int) -> torch.Tensor:
+        check_class_index(class_index, self.num_classes, "CosineScorer")
+        with torch.autocast(device_type=centers.device.type, enabled=False), torch.no_grad():
+            x = centers.float()
+            if self.to_space is not None:
+                x = self.to_space.to(centers.device).float()(x).float()
+            x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            rows = self.rows.to(centers.device)
+            rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            return torch.softmax(self.scale * (x @ rows.T), dim=1)[:, class_index]
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(classifier_fingerprint(self.rows).encode())
+        digest.update(f"{self.scale!r}/{self.num_classes}".encode())
+        if self.to_space is not None:
+            for name, tensor in sorted(self.to_space.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
 
 def as_scorer(classifier: torch.Tensor | Scorer, bias: torch.Tensor | None = None) -> Scorer:

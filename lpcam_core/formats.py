@@ -33,7 +33,9 @@ __all__ = [
     "irn_writer",
     "mctformer_writer",
     "HOST_LAYOUTS",
+    "VOC_CLASS_NAMES",
     "write_host_lists",
+    "write_voc_annotations",
 ]
 
 
@@ -275,7 +277,14 @@ HOST_LAYOUTS = {
     "mctformer": "voc12/train_id.txt (prototype list), voc12/train_aug_id.txt, voc12/val_id.txt: one id per line; "
                  "voc12/cls_labels.npy: {str id '2007_000032': float32 [20]}",
 }
+HOST_LAYOUTS["clip-es"] = ("voc12/train.txt (prototype list), voc12/train_aug.txt, voc12/val.txt: one id per line; "
+                            "no label file: the labels come from <VOC>/Annotations/<id>.xml (object names, image size)")
 HOST_LAYOUTS.update(recam=HOST_LAYOUTS["irn"], amn=HOST_LAYOUTS["irn"])
+
+#: PASCAL VOC's 20 foreground class names, in class-index order (the names VOC's Annotations XML uses).
+VOC_CLASS_NAMES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+                   "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+                   "tvmonitor")
 
 
 def write_host_lists(host: str, folder: PathLike, labels: Mapping[str, Iterable[int]], train: Iterable[str],
@@ -283,7 +292,8 @@ def write_host_lists(host: str, folder: PathLike, labels: Mapping[str, Iterable[
     """Write the id lists and the label file ``host`` reads (:data:`HOST_LAYOUTS`) under ``folder/voc12``.
 
     Args:
-        host: ``irn``, ``recam``, ``amn`` or ``mctformer``.
+        host: ``irn``, ``recam``, ``amn``, ``mctformer`` or ``clip-es`` (lists only: CLIP-ES reads labels from
+            the Annotations XML, :func:`write_voc_annotations`).
         folder: the folder the host runs in (its ``voc12/`` is written; existing lists are replaced).
         labels: image id (``2007_000032``) -> 0-based foreground classes present.
         train, val: ids of the training (CAM) list and of the validation list.
@@ -306,10 +316,48 @@ def write_host_lists(host: str, folder: PathLike, labels: Mapping[str, Iterable[
     written = []
     for name, ids in names:
         written.append(atomic_write_bytes(voc / name, "".join(f"{i}\n" for i in ids).encode()))
+    if host == "clip-es":
+        return written
     table = {}
     for image_id in dict.fromkeys([*train, *val, *proto]):
         vector = np.zeros(num_classes, np.float32)
         vector[class_keys(list(labels[image_id]), f"labels[{image_id!r}]")] = 1
         table[image_id if host == "mctformer" else int(image_id.replace("_", ""))] = vector  # IRN: 2007000032
     written.append(atomic_save_npy(voc / "cls_labels.npy", table))
+    return written
+
+
+def write_voc_annotations(voc_root: PathLike, labels: Mapping[str, Iterable[int]], *,
+                          class_names: Iterable[str] = VOC_CLASS_NAMES) -> list[Path]:
+    """Write ``<voc_root>/Annotations/<id>.xml`` as VOC does: the image size and one ``<object>`` per class
+    (in class order).
+
+    CLIP-ES reads the present classes and the image size from these files. The size is read from
+    ``<voc_root>/JPEGImages/<id>.jpg``; existing XML files are replaced.
+
+    Args:
+        voc_root: a VOC-layout folder with ``JPEGImages``.
+        labels: image id -> 0-based classes present.
+        class_names: the ``<name>`` of each class index (VOC's names by default).
+    """
+    from xml.sax.saxutils import escape
+
+    from PIL import Image
+
+    from .io import atomic_write_bytes
+
+    names = list(class_names)
+    root = Path(voc_root)
+    (root / "Annotations").mkdir(parents=True, exist_ok=True)
+    written = []
+    for image_id, classes in labels.items():
+        with Image.open(root / "JPEGImages" / f"{image_id}.jpg") as image:
+            width, height = image.size
+        keys = np.unique(class_keys(list(classes), f"labels[{image_id!r}]"))
+        if keys.size and keys.max() >= len(names):
+            raise ValueError(f"labels[{image_id!r}]: class {int(keys.max())} has no name ({len(names)} names given)")
+        objects = "".join(f"<object><name>{escape(names[k])}</name><difficult>0</difficult></object>" for k in keys)
+        xml = (f"<annotation><filename>{escape(image_id)}.jpg</filename><size><width>{width}</width>"
+               f"<height>{height}</height><depth>3</depth></size>{objects}</annotation>\n")
+        written.append(atomic_write_bytes(root / "Annotations" / f"{image_id}.xml", xml.encode()))
     return written

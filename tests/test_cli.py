@@ -103,7 +103,7 @@ def test_building_the_parser_imports_no_torch():
     import sys
 
     code = ("import sys, lpcam_core.cli as c; p = c.build_parser(); "
-            "assert {'irn', 'recam', 'amn', 'mctformer'} <= set(p._subparsers._group_actions[0].choices); "
+            "assert {'irn', 'recam', 'amn', 'mctformer', 'clip-es'} <= set(p._subparsers._group_actions[0].choices); "
             "print('torch' in sys.modules)")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)

@@ -30,7 +30,8 @@ NUM_TRAIN = 20  # IRN's steps divide by len(list) // 20: fewer images per worker
 IMAGE_SIZE = 32
 
 
-EXTRAS = {"hosts": ("cv2", "pydensecrf"), "mctformer": ("timm", "cv2", "sklearn", "pandas")}
+EXTRAS = {"hosts": ("cv2", "pydensecrf"), "mctformer": ("timm", "cv2", "sklearn", "pandas"),
+          "clip-es": ("cv2", "ttach", "lxml", "ftfy", "regex")}
 
 
 def require_extra(extra: str) -> None:
@@ -39,7 +40,7 @@ def require_extra(extra: str) -> None:
 
     missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
     if missing:
-        pytest.skip(f"the host code imports {', '.join(missing)}: pip install -e '.[test,hosts,mctformer]' "
+        pytest.skip(f"the host code imports {', '.join(missing)}: pip install -e '.[test,hosts,mctformer,clip-es]' "
                     f"(extra `{extra}`; `make test` installs it)")
 
 

@@ -53,7 +53,7 @@ def _hosts_root() -> Path:
 
     missing = [m for m in ("timm", "cv2", "sklearn", "pandas") if importlib.util.find_spec(m) is None]
     if missing:
-        pytest.skip(f"MCTformer's code imports {', '.join(missing)}: pip install -e '.[test,hosts,mctformer]' "
+        pytest.skip(f"MCTformer's code imports {', '.join(missing)}: pip install -e '.[test,hosts,mctformer,clip-es]' "
                     "(extra `mctformer`; `make test` installs it)")
     clone = Path(root) / "MCTformer"
     if not (clone / "main.py").is_file():
