@@ -29,7 +29,7 @@ from typing import Any
 
 from .base import HostInfo
 
-__all__ = ["RUNNER", "try_irn", "add_try", "host_miou", "TINY_CLIP", "try_clip_es", "add_try_clip_es", "mean_iou"]
+__all__ = ["RUNNER", "try_irn", "add_try", "host_miou", "synthetic_voc", "percent", "report"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def host_miou(stdout: str) -> float | None:
     return float(found[-1]) if found else None
 
 
-def _synthetic_voc(out: Path, images: int, size: int, seed: int) -> tuple[Path, dict[str, list[int]], list[str], list[str]]:
+def synthetic_voc(out: Path, images: int, size: int, seed: int) -> tuple[Path, dict[str, list[int]], list[str], list[str]]:
     """A synthetic VOC root, its labels (id -> 0-based classes), and its train and val ids."""
     from lpcam_core.demo.synthetic import SyntheticConfig, write_voc
     from lpcam_core.io import load_npy
@@ -87,7 +87,7 @@ def try_irn(info: HostInfo, host_dir: str, out: str, *, images: int = 20, size: 
     print(f"lpcam {info.name} try: {checkout} (never written) -> {out_dir}")
     from lpcam_core.formats import write_host_lists
 
-    root, labels, train, val = _synthetic_voc(out_dir, images, size, seed)
+    root, labels, train, val = synthetic_voc(out_dir, images, size, seed)
     work = irn_family.prepare_workdir(checkout, out_dir / "work")
     write_host_lists(info.name, work, labels, train, val)  # docs/hosts: the layout each host reads
     print(f"  synthetic VOC: {root} ({len(train)} train, {len(val)} val images of {size}x{size}); "
@@ -131,20 +131,25 @@ def try_irn(info: HostInfo, host_dir: str, out: str, *, images: int = 20, size: 
             print(f"    failed ({proc.returncode}) after {seconds:.0f}s: {last}\n    full log: {log}")
             return 2
         results.append((title, host_miou(proc.stdout), seconds, log))
-        print(f"    finished in {seconds:.0f}s; host's eval_cam mIoU {_pct(results[-1][1])}; log {log}")
+        print(f"    finished in {seconds:.0f}s; host's eval_cam mIoU {percent(results[-1][1])}; log {log}")
     print("\n  files:")
     print(f"    weights {work / 'sess' / 'res50_cam.pth.pth'}; own CAMs {work / 'result' / 'cam_own'}; LPCAM maps "
           f"{work / 'result' / 'cam'}; baseline CAMs of the prototype list {work / 'result' / 'cam_baseline'}; "
           f"bank {work / 'result' / 'lpcam_bank.pt'}" + (f"; ir_label {work / 'result' / 'ir_label'}" if crf else ""))
     print("\n  | run | IRN eval_cam mIoU (%) | seconds |\n  |---|---:|---:|")
     for title, miou, seconds, _ in results:
-        print(f"  | {title} | {_pct(miou)} | {seconds:.0f} |")
+        print(f"  | {title} | {percent(miou)} | {seconds:.0f} |")
     print("\n  A one-epoch model on synthetic images: these numbers check the plumbing, not LPCAM's gain. On VOC with a "
           "trained checkpoint and a GPU, run the same two commands in your checkout (docs/hosts/irn.md).")
     return 0
 
 
-def _pct(value: float | None) -> str:
+def report(text: str = "") -> None:
+    """One line of a ``try`` report, on standard output (the command's result, not a log message)."""
+    print(text, flush=True)
+
+
+def percent(value: float | None) -> str:
     return "?" if value is None else f"{100 * value:.1f}"
 
 
@@ -170,124 +175,3 @@ def add_try(sub: Any, info: HostInfo) -> None:
     p.add_argument("--seed", type=int, default=0, help="synthetic data seed (default 0)")
     p.set_defaults(func=lambda ns: try_irn(info, ns.host_dir, ns.out, images=ns.images, size=ns.size,
                                            epochs=ns.epochs, seed=ns.seed))
-
-
-# --------------------------------------------------------------------------- CLIP-ES
-
-#: Builds a tiny random-init CLIP with the checkout's own ``clip/model.py`` (ViT: width 64, 2 layers, patch 16;
-#: text: width 64, 1 layer, CLIP's vocabulary) and saves its state dict, which ``clip.load(path)`` reads offline.
-TINY_CLIP = (
-    "import sys, torch\n"
-    "import lpcam_adapters.clip_es  # pkg_resources for clip/clip.py on a modern setuptools\n"
-    "from clip.model import CLIP\n"
-    "torch.manual_seed(int(sys.argv[2]))\n"
-    "model = CLIP(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=16,\n"
-    "             context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=1)\n"
-    "torch.save(model.state_dict(), sys.argv[1])\n"
-)
-
-
-def mean_iou(stdout: str) -> float | None:
-    """The last ``'Mean IoU': ...`` CLIP-ES's eval scripts print, else None."""
-    found = re.findall(r"'Mean IoU': (?:np\.float64\()?([0-9.eE+-]+|nan)", stdout)
-    return float(found[-1]) if found else None
-
-
-def try_clip_es(info: HostInfo, host_dir: str, out: str, *, images: int = 20, size: int = 96, seed: int = 0,
-                timeout: float = 3600) -> int:
-    """The try path for CLIP-ES: its CAM generation, eval_cam and CRF eval, with and without the swap.
-
-    No CLIP weights can be downloaded offline: a tiny random-init CLIP (:data:`TINY_CLIP`) stands in, so the
-    numbers check the plumbing only. A random CLIP scores no centre above mu_f = 0.9, so the swapped run
-    sets ``LPCAM_MU_F=0 LPCAM_MU_B=1`` (every class centre a prototype, context as the bounds allow) and says so.
-    """
-    from lpcam_core.formats import write_host_lists, write_voc_annotations
-
-    from . import cli, irn_family
-
-    checkout = cli.check_checkout(host_dir, info)
-    if images < 2:
-        raise ValueError(f"--images {images}: expected at least 2 (CLIP-ES reads its list with np.loadtxt)")
-    out_dir = Path(out).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"lpcam {info.name} try: {checkout} (never written) -> {out_dir}")
-    root, labels, train, val = _synthetic_voc(out_dir, images, size, seed)
-    write_voc_annotations(root, labels)
-    work = irn_family.prepare_workdir(checkout, out_dir / "work", marker=info.entry_script)
-    write_host_lists(info.name, work, labels, train, val)
-    print(f"  synthetic VOC: {root} ({len(train)} train images of {size}x{size}, Annotations XML); lists in "
-          f"{work / 'voc12'}")
-    script = work / info.entry_script
-    if script.is_symlink():
-        script.unlink()
-        shutil.copyfile(checkout / info.entry_script, script)
-    cli.patch_entry_script(work, info)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LPCAM")}
-    env.update(LPCAM_TRY_SEED=str(seed), PYTHONPYCACHEPREFIX=str(out_dir / "pycache"), PYTHONUNBUFFERED="1")
-    weights = out_dir / "tiny_clip.pt"
-    subprocess.run([sys.executable, "-c", TINY_CLIP, str(weights), str(seed)], cwd=work, env=env, check=True,
-                   capture_output=True, timeout=timeout)
-    print(f"  tiny random-init CLIP (ViT width 64, 2 layers, patch 16) built with the checkout's clip/model.py: {weights}")
-    crf = importlib.util.find_spec("pydensecrf") is not None and importlib.util.find_spec("joblib") is not None
-    runs = [("LPCAM=0 (the host's Grad-CAM)", {"LPCAM": "0"}, "result/voc12_own"),
-            ("LPCAM=1 (the swap)", {"LPCAM": "1", "LPCAM_MU_F": "0", "LPCAM_MU_B": "1"}, "result/voc12_lpcam")]
-    results = []
-    for title, extra_env, cams in runs:
-        steps = [(info.entry_script, ["--img_root", str(root / "JPEGImages"), "--split_file", "voc12/train.txt",
-                                      "--model", str(weights), "--cam_out_dir", cams]),
-                 ("eval_cam.py", ["--cam_out_dir", cams, "--cam_type", "attn_highres", "--gt_root",
-                                  str(root / "SegmentationClass"), "--split_file", "voc12/train.txt"])]
-        if crf:
-            steps.append(("eval_cam_with_crf.py", ["--cam_out_dir", cams, "--gt_root", str(root / "SegmentationClass"),
-                                                   "--image_root", str(root / "JPEGImages"), "--split_file",
-                                                   "voc12/train.txt", "--eval_only"]))
-        shown = " ".join(f"{k}={v}" for k, v in extra_env.items())
-        print(f"\n  {title}, in {work} (inside lpcam_adapters.cpu.cuda_as_cpu):")
-        scores, start = [], time.perf_counter()
-        log = out_dir / f"{'lpcam' if extra_env['LPCAM'] == '1' else 'own'}.log"
-        with open(log, "w", encoding="utf-8") as log_file:
-            for name, argv in steps:
-                print(f"    {shown} python {name} {' '.join(argv)}")
-                proc = subprocess.run([sys.executable, "-c", RUNNER, name, *argv], cwd=work, env={**env, **extra_env},
-                                      capture_output=True, text=True, timeout=timeout)
-                log_file.write(proc.stdout + proc.stderr)
-                if proc.returncode != 0:
-                    last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-                    print(f"    failed ({proc.returncode}): {last}\n    full log: {log}")
-                    return 2
-                if name != info.entry_script:
-                    scores.append(mean_iou(proc.stdout))
-        seconds = time.perf_counter() - start
-        results.append((title, scores, seconds))
-        print(f"    finished in {seconds:.0f}s; seeds mIoU {_pct(scores[0])}" +
-              (f", CRF masks mIoU {_pct(scores[1])}" if crf else " (CRF skipped: pip install 'lpcam[clip-es]')"))
-    print(f"\n  files: CAMs {work / 'result' / 'voc12_own'} and {work / 'result' / 'voc12_lpcam'} "
-          f"({{keys, attn_highres}} float16, the host's format); bank {work / 'result' / 'lpcam_bank.pt'}")
-    import json
-
-    (out_dir / "try_results.json").write_text(json.dumps(
-        [{"run": t, "seeds": sc[0], "masks": sc[1] if len(sc) > 1 else None, "seconds": sec} for t, sc, sec in results],
-        indent=2))
-    print("\n  | run | seeds mIoU (%) | CRF mIoU (%) | seconds |\n  |---|---:|---:|---:|")
-    for title, scores, seconds in results:
-        print(f"  | {title} | {_pct(scores[0])} | {_pct(scores[1]) if len(scores) > 1 else '-'} | {seconds:.0f} |")
-    print("\n  A random-init CLIP (LPCAM_MU_F=0 LPCAM_MU_B=1: it scores no centre above 0.9): these numbers check the "
-          "plumbing, not LPCAM's gain. With CLIP's ViT-B-16.pt, VOC and a GPU, run the commands in docs/hosts/clip-es.md.")
-    return 0
-
-
-def add_try_clip_es(sub: Any, info: HostInfo) -> None:
-    """The ``try`` step of ``lpcam clip-es``."""
-    p = sub.add_parser("try", help="CLIP-ES's generation and evaluation on a small synthetic VOC, CPU, offline, with "
-                                   "and without LPCAM",
-                       description="Writes a small synthetic VOC (with Annotations XML) and a work folder of links to "
-                                   "HOST_DIR (never written) with a patched copy of generate_cams_voc12.py, builds a tiny "
-                                   "random-init CLIP with the checkout's clip/model.py (no weights are downloaded), then "
-                                   "runs generate_cams_voc12.py, eval_cam.py and eval_cam_with_crf.py --eval_only twice: "
-                                   "LPCAM=0 and LPCAM=1. Prints the commands, the files and the host's own mIoU.")
-    p.add_argument("host_dir", help=f"a {info.title} checkout (never written)")
-    p.add_argument("--out", default=f"lpcam_try_{info.name}", help="work folder (default lpcam_try_<host>)")
-    p.add_argument("--images", type=int, default=20, help="training images (default 20)")
-    p.add_argument("--size", type=int, default=96, help="image side in pixels (default 96)")
-    p.add_argument("--seed", type=int, default=0, help="synthetic data and model seed (default 0)")
-    p.set_defaults(func=lambda ns: try_clip_es(info, ns.host_dir, ns.out, images=ns.images, size=ns.size, seed=ns.seed))

@@ -47,7 +47,7 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> tuple[str
 
 
 def real(opts: argparse.Namespace) -> list[dict]:
-    from lpcam_adapters.trial import mean_iou
+    from lpcam_adapters.clip_es import mean_iou
 
     host, voc, out = Path(opts.host).resolve(), Path(opts.voc).resolve(), Path(opts.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -70,9 +70,9 @@ def real(opts: argparse.Namespace) -> list[dict]:
 
 
 def smoke(opts: argparse.Namespace) -> list[dict]:
-    from lpcam_adapters import clip_es, trial
+    from lpcam_adapters import clip_es
 
-    code = trial.try_clip_es(clip_es.INFO, opts.host, opts.out, images=opts.images, size=64, seed=0)
+    code = clip_es.try_clip_es(clip_es.INFO, opts.host, opts.out, images=opts.images, size=64, seed=0)
     if code != 0:
         raise SystemExit(code)
     found = json.loads((Path(opts.out) / "try_results.json").read_text(encoding="utf-8"))

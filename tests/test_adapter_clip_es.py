@@ -72,10 +72,10 @@ def test_settings_are_checked_at_import_time_names():
     from lpcam_adapters import clip_es
 
     settings = clip_es.settings_for({})
-    assert (settings.option("features"), settings.option("scorer"), settings.option("build")) == ("proj", "classes", "auto")
+    assert (settings.option("features"), settings.option("scorer"), settings.option("build")) == ("ln_post", "classes", "auto")
     assert settings.lpcam.images_per_class is None and clip_es.settings_for({}, coco=True).lpcam.images_per_class == 100
-    assert clip_es.settings_for({"LPCAM_CLIP_FEATURES": "TOKENS"}).option("features") == "tokens"
-    with pytest.raises(ValueError, match="LPCAM_CLIP_FEATURES='cls'.*proj"):
+    assert clip_es.settings_for({"LPCAM_CLIP_FEATURES": "PROJ"}).option("features") == "proj"
+    with pytest.raises(ValueError, match="LPCAM_CLIP_FEATURES='cls'.*ln_post"):
         clip_es.settings_for({"LPCAM_CLIP_FEATURES": "cls"})
     with pytest.raises(ValueError, match="LPCAM_CLIP_SCORER"):
         clip_es.settings_for({"LPCAM_CLIP_SCORER": "background"})
@@ -164,7 +164,7 @@ def test_cpu_shims_send_cuda_devices_to_the_cpu():
 
 
 def test_clip_es_eval_output_is_parsed():
-    from lpcam_adapters.trial import mean_iou
+    from lpcam_adapters.clip_es import mean_iou
 
     out = "1 0.2\n{'Pixel Accuracy': np.float64(0.7), 'Mean IoU': np.float64(0.4312), 'Class IoU': {}}\n"
     assert mean_iou(out) == pytest.approx(0.4312)

@@ -113,7 +113,7 @@ def kit(host, hostkit, tmp_path_factory, pycache) -> dict:
     from lpcam_core.formats import write_host_lists, write_voc_annotations
 
     base = tmp_path_factory.mktemp("clip_es")
-    root, labels, train, val = trial._synthetic_voc(base, NUM_IMAGES, SIZE, 1)
+    root, labels, train, val = trial.synthetic_voc(base, NUM_IMAGES, SIZE, 1)
     write_voc_annotations(root, labels)
     work = irn_family.prepare_workdir(host, base / "work", marker="generate_cams_voc12.py")
     write_host_lists("clip-es", work, labels, train, val)
@@ -124,7 +124,7 @@ def kit(host, hostkit, tmp_path_factory, pycache) -> dict:
     assert cli.patch_entry_script(work, clip_es.INFO) == "applied"
     env = hostkit.host_env(pycache)
     weights = base / "tiny_clip.pt"
-    hostkit.run([sys.executable, "-c", trial.TINY_CLIP, str(weights), "0"], work, env)
+    hostkit.run([sys.executable, "-c", clip_es.TINY_CLIP, str(weights), "0"], work, env)
     return {"root": root, "labels": labels, "train": train, "work": work, "env": env, "weights": weights,
             "host": host}
 
@@ -147,7 +147,7 @@ def generate(hostkit, kit, out: str, *, runner: str = "patched", record: Path | 
 @pytest.fixture(scope="module")
 def runs(hostkit, kit) -> dict:
     """The unpatched script, the patched one with LPCAM=0, and with LPCAM (default settings, recorded)."""
-    record = kit["work"] / "calls_proj.pt"
+    record = kit["work"] / "calls_default.pt"
     return {
         "reference": generate(hostkit, kit, "result/voc12_reference", runner="reference"),
         "off": generate(hostkit, kit, "result/voc12_off", LPCAM="0"),
@@ -188,18 +188,18 @@ def test_lpcam_files_are_the_hosts_format(runs, kit):
 
 
 def test_hosts_evaluations_read_lpcam_files(runs, kit, hostkit):
-    from lpcam_adapters import trial
+    from lpcam_adapters import clip_es, trial
 
     gt = str(kit["root"] / "SegmentationClass")
     proc = hostkit.run([sys.executable, "-c", trial.RUNNER, "eval_cam.py", "--cam_out_dir", "result/voc12_lpcam",
                         "--cam_type", "attn_highres", "--gt_root", gt, "--split_file", "voc12/train.txt"],
                        kit["work"], kit["env"])
-    miou = trial.mean_iou(proc.stdout)
+    miou = clip_es.mean_iou(proc.stdout)
     assert miou is not None and 0 < miou <= 1
     proc = hostkit.run([sys.executable, "-c", trial.RUNNER, "eval_cam_with_crf.py", "--cam_out_dir",
                         "result/voc12_lpcam", "--gt_root", gt, "--image_root", str(kit["root"] / "JPEGImages"),
                         "--split_file", "voc12/train.txt", "--eval_only"], kit["work"], kit["env"])
-    assert trial.mean_iou(proc.stdout) is not None
+    assert clip_es.mean_iou(proc.stdout) is not None
 
 
 def independent_maps(hostkit, kit, record: Path, bank: Path, features: str) -> dict:
@@ -223,15 +223,15 @@ def test_lpcam_maps_equal_the_core_on_the_same_tokens(runs, kit, hostkit):
 
     bank_path = kit["work"] / "result" / "lpcam_bank.pt"
     bank = PrototypeBank.load(bank_path)
-    assert bank.meta["features"] == "proj" and bank.meta["scorer"] == "classes" and bank.meta["host"] == "clip-es"
+    assert bank.meta["features"] == "ln_post" and bank.meta["scorer"] == "classes" and bank.meta["host"] == "clip-es"
     present = sorted({c for i in kit["train"] for c in kit["labels"][i]})
     assert bank.classes == present
-    result = independent_maps(hostkit, kit, runs["record"], bank_path, "proj")
-    assert result["checked"] == 6 and result["feature_dim"] == 32
+    result = independent_maps(hostkit, kit, runs["record"], bank_path, "ln_post")
+    assert result["checked"] == 6 and result["feature_dim"] == 64
     assert result["worst"] < 1e-4, result
 
 
-@pytest.mark.parametrize("features,scorer,width", [("tokens", "classes+background", 64), ("ln_post", "classes", 64)])
+@pytest.mark.parametrize("features,scorer,width", [("proj", "classes+background", 32), ("tokens", "classes", 64)])
 def test_each_feature_and_scorer_choice(runs, kit, hostkit, features, scorer, width):
     from lpcam_core import PrototypeBank
 
@@ -310,3 +310,44 @@ def test_benchmark_real_mode_runs_the_hosts_steps(runs, kit, tmp_path):
 def hostkit_clean(kit) -> bool:
     proc = subprocess.run(["git", "status", "--porcelain"], cwd=kit["host"], capture_output=True, text=True, check=True)
     return proc.stdout == ""
+
+
+def test_coco_script_takes_the_same_line(kit, hostkit):
+    """generate_cams_coco14.py (labels from the list's columns, 80 classes, COCO preset): LPCAM=0 equals the
+    unpatched script; the swap writes the host's files with the list's classes as keys."""
+    from lpcam_adapters import cli, clip_es, trial
+    from lpcam_core import PrototypeBank
+
+    work = kit["work"]
+    shutil.copyfile(kit["host"] / "generate_cams_coco14.py", work / "reference_coco14.py")
+    if (work / "generate_cams_coco14.py").is_symlink():
+        (work / "generate_cams_coco14.py").unlink()
+    text = (kit["host"] / "generate_cams_coco14.py").read_text()
+    anchor = "from pytorch_grad_cam import GradCAM"
+    line = cli.patch_line(clip_es.INFO)[0]
+    (work / "generate_cams_coco14.py").write_text(text.replace(anchor, line + "\n" + anchor, 1))
+    coco_list = work / "coco_train.txt"  # COCO's list format: id, then the 0-based classes
+    coco_list.write_text("".join(f"{i} {' '.join(map(str, sorted(kit['labels'][i])))}\n" for i in kit["train"]))
+    args = ["--img_root", str(kit["root"] / "JPEGImages"), "--split_file", str(coco_list), "--model", str(kit["weights"])]
+    hostkit.run([sys.executable, "-c", REFERENCE, "reference_coco14.py", *args, "--cam_out_dir", "result/coco_reference"],
+                work, kit["env"])
+    hostkit.run([sys.executable, "-c", trial.RUNNER, "generate_cams_coco14.py", *args, "--cam_out_dir", "result/coco_off"],
+                work, {**kit["env"], "LPCAM": "0"})
+    hostkit.run([sys.executable, "-c", trial.RUNNER, "generate_cams_coco14.py", *args, "--cam_out_dir", "result/coco_lpcam"],
+                work, {**kit["env"], **RANDOM_CLIP, "LPCAM_PROTO_LIST": str(coco_list),
+                       "LPCAM_BANK": str(work / "coco_bank.pt")})
+    bank = PrototypeBank.load(work / "coco_bank.pt")
+    assert bank.num_classes == 80 and bank.meta["config"]["images_per_class"] == 100
+    differs = 0
+    for image_id in kit["train"]:
+        ref, off = load(work / "result/coco_reference" / f"{image_id}.npy"), load(work / "result/coco_off" / f"{image_id}.npy")
+        assert np.array_equal(ref["attn_highres"], off["attn_highres"]) and np.array_equal(ref["keys"], off["keys"])
+        got = load(work / "result/coco_lpcam" / f"{image_id}.npy")
+        assert got["keys"].tolist() == sorted(kit["labels"][image_id]) and got["attn_highres"].dtype == np.float16
+        differs += not np.array_equal(got["attn_highres"], off["attn_highres"])
+    # COCO's CAA box threshold is 0.7: with a random CLIP some maps of both runs refine to zeros
+    assert differs >= NUM_IMAGES // 2, differs
+    proc = hostkit.run([sys.executable, "-c", trial.RUNNER, "eval_cam.py", "--cam_out_dir", "result/coco_lpcam",
+                        "--cam_type", "attn_highres", "--gt_root", str(kit["root"] / "SegmentationClass"),
+                        "--split_file", str(coco_list)], work, kit["env"])
+    assert clip_es.mean_iou(proc.stdout) is not None
