@@ -946,6 +946,9 @@ def _steps(sub: Any) -> None:
     mk.add_argument("--build", choices=("auto", "never"), default="auto", help="build a missing bank (default) or fail")
     mk.add_argument("--off", action="store_true", help="the host's own maps (LPCAM=0)")
     mk.set_defaults(func=_cmd_make)
+    from .trial import add_try_mctformer
+
+    add_try_mctformer(sub, INFO)
 
 
 def register(subparsers: Any) -> None:

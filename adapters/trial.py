@@ -29,7 +29,8 @@ from typing import Any
 
 from .base import HostInfo
 
-__all__ = ["RUNNER", "try_irn", "add_try", "host_miou", "synthetic_voc", "percent", "report"]
+__all__ = ["RUNNER", "try_irn", "add_try", "host_miou", "synthetic_voc", "percent", "report", "best_miou",
+           "try_mctformer", "add_try_mctformer"]
 
 logger = logging.getLogger(__name__)
 
@@ -175,3 +176,102 @@ def add_try(sub: Any, info: HostInfo) -> None:
     p.add_argument("--seed", type=int, default=0, help="synthetic data seed (default 0)")
     p.set_defaults(func=lambda ns: try_irn(info, ns.host_dir, ns.out, images=ns.images, size=ns.size,
                                            epochs=ns.epochs, seed=ns.seed))
+
+
+# --------------------------------------------------------------------------- MCTformer
+
+
+def best_miou(stdout: str) -> float | None:
+    """MCTformer's ``evaluation.py --curve True``: ``Best background score: t  mIoU: 43.2%`` (as a fraction)."""
+    found = re.findall(r"Best background score: \S+\s+mIoU: ([0-9.]+)%", stdout)
+    return float(found[-1]) / 100 if found else None
+
+
+def try_mctformer(info: HostInfo, host_dir: str, out: str, *, images: int = 20, size: int = 96, epochs: int = 2,
+                  model: str | None = None, seed: int = 0, timeout: float = 3600) -> int:
+    """The try path for MCTformer: main.py trains, generates (LPCAM=0, then the swap) and evaluation.py scores."""
+    from lpcam_core.formats import write_host_lists
+
+    from . import cli, irn_family
+
+    checkout = cli.check_checkout(host_dir, info)
+    models_py = (checkout / "models.py").read_text(encoding="utf-8", errors="replace")
+    plus = "class MCTformerPlus" in models_py
+    model = model or ("deit_small_MCTformerPlus" if plus else "deit_small_MCTformerV2_patch16_224")
+    out_dir = Path(out).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report(f"lpcam {info.name} try: {checkout} (never written) -> {out_dir}")
+    root, labels, train, val = synthetic_voc(out_dir, images, size, seed)
+    work = irn_family.prepare_workdir(checkout, out_dir / "work", marker=info.entry_script)
+    write_host_lists(info.name, work, labels, train, val)  # voc12/{train_id,train_aug_id,val_id}.txt, cls_labels.npy
+    report(f"  synthetic VOC: {root} ({len(train)} train, {len(val)} val images of {size}x{size}); lists and "
+           f"cls_labels in {work / 'voc12'}")
+    script = work / info.entry_script
+    if script.is_symlink():
+        script.unlink()
+        shutil.copyfile(checkout / info.entry_script, script)
+    cli.patch_entry_script(work, info)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LPCAM")}
+    env.update(LPCAM_TRY_SEED=str(seed), PYTHONPYCACHEPREFIX=str(out_dir / "pycache"), PYTHONUNBUFFERED="1")
+    size_flags = ["--input-size", str(size)] if plus else []
+    common = ["--model", model, "--img-list", "voc12", "--data-path", str(root), "--device", "cpu", "--num_workers", "0",
+              *size_flags]
+    gen = ["--data-set", "VOC12MS", "--gen_attention_maps", "--resume", "sess/checkpoint.pth", "--scales", "1.0", "0.75"]
+    gen_v2 = [] if plus else ["--visualize-cls-attn", "--patch-attn-refine"]
+    steps: list[tuple[str, dict[str, str], str, list[str]]] = [
+        ("train (random init: no ImageNet download)", {"LPCAM": "0"}, "main.py",
+         [*common, "--data-set", "VOC12", "--epochs", str(epochs), "--batch-size", "4", "--output_dir", "sess",
+          "--seed", str(seed)]),
+    ]
+    for tag, extra in (("own", {"LPCAM": "0"}), ("lpcam", {"LPCAM": "1"})):
+        cams = f"result/cam_npy_{tag}"
+        steps.append((f"generate, LPCAM={extra['LPCAM']}", extra, "main.py",
+                      [*common, *gen, *gen_v2, "--cam-npy-dir", cams, "--attention-dir", f"result/cam_png_{tag}"]))
+        steps.append((f"evaluate, LPCAM={extra['LPCAM']}", {}, "evaluation.py",
+                      ["--list", "voc12/train_id.txt", "--gt_dir", str(root / "SegmentationClass"), "--predict_dir",
+                       cams, "--type", "npy", "--curve", "True", "--comment", f"lpcam try {tag}", "--logfile",
+                       f"result/evallog_{tag}.txt"]))
+    log = out_dir / "mctformer.log"
+    results = {}
+    with open(log, "w", encoding="utf-8") as log_file:
+        for title, extra_env, name, argv in steps:
+            shown = " ".join(f"{k}={v}" for k, v in extra_env.items())
+            report(f"\n  {title}, in {work} (inside lpcam_adapters.cpu.cuda_as_cpu):\n    {shown} python {name} "
+                   f"{' '.join(argv)}")
+            start = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-c", RUNNER, name, *argv], cwd=work, env={**env, **extra_env},
+                                  capture_output=True, text=True, timeout=timeout)
+            log_file.write(f"$ {shown} python {name} {' '.join(argv)}\n{proc.stdout}{proc.stderr}\n")
+            if proc.returncode != 0:
+                last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+                report(f"    failed ({proc.returncode}): {last}\n    full log: {log}")
+                return 2
+            report(f"    finished in {time.perf_counter() - start:.0f}s")
+            if name == "evaluation.py":
+                results[title.split(", ")[1]] = best_miou(proc.stdout)
+    report(f"\n  files: weights {work / 'sess' / 'checkpoint.pth'}; maps {work / 'result' / 'cam_npy_own'} and "
+           f"{work / 'result' / 'cam_npy_lpcam'}; bank {work / 'sess' / 'checkpoint.lpcam_bank.pt'}; log {log}")
+    report("\n  | run | MCTformer evaluation.py best mIoU (%) |\n  |---|---:|")
+    for run_name, miou in results.items():
+        report(f"  | {run_name} | {percent(miou)} |")
+    report(f"\n  A {epochs}-epoch {model} from random weights on synthetic images: these numbers check the plumbing, "
+           "not LPCAM's gain. With VOC, the DeiT weights and a GPU, follow docs/hosts/mctformer.md.")
+    return 0
+
+
+def add_try_mctformer(sub: Any, info: HostInfo) -> None:
+    """The ``try`` step of ``lpcam mctformer``."""
+    p = sub.add_parser("try", help="MCTformer's pipeline on a small synthetic VOC, CPU, offline, with and without LPCAM",
+                       description="Writes a small synthetic VOC and a work folder of links to HOST_DIR (never written) "
+                                   "with a patched copy of main.py, then runs the host as a user would, on the CPU "
+                                   "without any download: main.py trains from random weights, generates the maps "
+                                   "with LPCAM=0 and with the swap, and evaluation.py scores both.")
+    p.add_argument("host_dir", help=f"a {info.title} checkout (never written)")
+    p.add_argument("--out", default=f"lpcam_try_{info.name}", help="work folder (default lpcam_try_<host>)")
+    p.add_argument("--images", type=int, default=20, help="training images (default 20)")
+    p.add_argument("--size", type=int, default=96, help="image side and input size in pixels (default 96)")
+    p.add_argument("--epochs", type=int, default=2, help="training epochs (default 2)")
+    p.add_argument("--model", help="timm model name (default deit_small_MCTformerPlus, or the V2 model in a V2 checkout)")
+    p.add_argument("--seed", type=int, default=0, help="synthetic data and training seed (default 0)")
+    p.set_defaults(func=lambda ns: try_mctformer(info, ns.host_dir, ns.out, images=ns.images, size=ns.size,
+                                                 epochs=ns.epochs, model=ns.model, seed=ns.seed))

@@ -169,3 +169,10 @@ def test_clip_es_eval_output_is_parsed():
     out = "1 0.2\n{'Pixel Accuracy': np.float64(0.7), 'Mean IoU': np.float64(0.4312), 'Class IoU': {}}\n"
     assert mean_iou(out) == pytest.approx(0.4312)
     assert mean_iou("{'Mean IoU': 0.25}") == 0.25 and mean_iou("nothing") is None
+
+
+def test_mctformer_eval_output_is_parsed():
+    from lpcam_adapters.trial import best_miou
+
+    out = "0/60 background score: 0.000\tmIoU: 3.100%\nBest background score: 0.350\tmIoU: 43.210%\n"
+    assert best_miou(out) == pytest.approx(0.4321) and best_miou("nothing") is None

@@ -231,7 +231,7 @@ def test_prepare_workdir_leaves_the_host_alone(tmp_path):
     assert (work / "voc12" / "train.txt").read_text() == "2099_000001\n"
     irn_family.prepare_workdir(host, tmp_path / "work", cls_labels=labels)  # idempotent refresh
     assert sorted((p.relative_to(host), p.read_bytes() if p.is_file() else None) for p in host.rglob("*")) == snapshot
-    with pytest.raises(FileNotFoundError, match="not an IRN-family checkout"):
+    with pytest.raises(FileNotFoundError, match="not a checkout of this host .no voc12/dataloader.py"):
         irn_family.prepare_workdir(tmp_path / "work" / "step", tmp_path / "w2")
 
 
