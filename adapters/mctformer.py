@@ -808,8 +808,36 @@ def generate(original: Callable[..., Any], data_loader: Any, model: nn.Module, d
         return None
     logger.info("%s: LPCAM in place of PatchCAM (attention type %s, flip %s, head %s)", kind,
                 getattr(args, "attention_type", "fused"), settings.option("flip"), settings.option("head"))
-    with swap(model, bank, flip=settings.option("flip")):
-        return original(data_loader, model, device, args)
+    with swap(model, bank, flip=settings.option("flip")), _counting_zero_maps(original) as counts:
+        result = original(data_loader, model, device, args)
+    zero, total = counts
+    if zero:
+        logger.warning("%d of %d LPCAM maps written are all zero (a class with no prototype in the bank, or its context "
+                       "prototypes as similar as its class prototypes everywhere): expected of a barely trained model, "
+                       "not of a trained one", zero, total)
+    return result
+
+
+@contextlib.contextmanager
+def _counting_zero_maps(generate_fn: Callable[..., Any]) -> Iterator[list[int]]:
+    """Inside the block, the engine's ``np.save`` of a ``{class: map}`` dict counts its all-zero maps:
+    yields ``[all-zero maps, maps]`` (the engine writes the files; lpcam only looks at what it saves)."""
+    namespace = generate_fn.__globals__
+    real_np, counts = namespace.get("np", np), [0, 0]
+
+    def save(file: Any, arr: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(arr, dict):
+            for value in arr.values():
+                value = np.asarray(value)
+                counts[0] += int(value.size == 0 or not value.any())
+                counts[1] += 1
+        return real_np.save(file, arr, *args, **kwargs)
+
+    namespace["np"] = hooks.module_proxy(real_np, "counts all-zero LPCAM maps as the engine saves them", save=save)
+    try:
+        yield counts
+    finally:
+        namespace["np"] = real_np
 
 
 # --------------------------------------------------------------------------- running the host

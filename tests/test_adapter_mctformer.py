@@ -576,3 +576,25 @@ def test_coco_style_sampling_feeds_only_the_drawn_class(host_run):
     bank = PrototypeBank.load(run.tmp / "ckpt.lpcam_bank.pt")
     assert bank.meta["images_seen"] == len(picks)
     assert sorted(p.stem for p in (run.tmp / "out_baseline").glob("*.npy")) == sorted({i for _, i in picks})
+
+
+def _engine_with_a_zero_map(data_loader, model, device, args):
+    _stand_in_engine(data_loader, model, device, args)
+    np.save(os.path.join(args.cam_npy_dir, "extra.npy"), {0: np.zeros((4, 4)), 1: np.ones((4, 4))})
+
+
+def test_all_zero_maps_the_engine_saves_are_warned_about(host_run, caplog):
+    run = host_run
+    real_save = np.save
+    with caplog.at_level("WARNING", logger="lpcam_adapters.mctformer"):
+        mct.generate(_engine_with_a_zero_map, run.loader(), run.model, "cpu", run.args, _settings())
+    warned = [r.getMessage() for r in caplog.records if "all zero" in r.getMessage()]
+    maps = sum(len(load_mctformer_cam(run.tmp / "out" / f"{i}.npy")) for i in run.ids) + 2
+    assert len(warned) == 1 and warned[0].startswith("1 of ") and f" of {maps} LPCAM maps" in warned[0], warned
+    import numpy
+
+    assert globals()["np"] is numpy and numpy.save is real_save, "the engine's numpy is restored"
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lpcam_adapters.mctformer"):  # LPCAM=0: the host's run is not inspected
+        mct.generate(_engine_with_a_zero_map, run.loader(), run.model, "cpu", run.args, _host_settings(enabled=False))
+    assert not [r for r in caplog.records if "all zero" in r.getMessage()]
