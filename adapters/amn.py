@@ -567,6 +567,12 @@ def install() -> None:
         description="AMN stage (b): AMN maps of the prototype list (Dropout off), stage-(b) bank, LPCAM maps in "
         "AMN's format (placeholder channel 0) into amn_cam_out_dir (LPCAM=0: AMN's own pass / its maths, Dropout off)",
     )
+    hooks.replace_attribute(
+        "step.train_amn", "torch", irn_family.compat.make_stacking_torch, requires=("resize_labels",),
+        name="torch_stacking_longtensor",
+        description="module-local torch whose LongTensor stacks resize_labels' list of numpy label maps (torch 2 "
+        "refuses the list)",
+    )
 
 
 # --------------------------------------------------------------------------- lpcam amn prototypes|make
@@ -590,11 +596,16 @@ def _extra_flags(p: argparse.ArgumentParser) -> None:
 def register(subparsers: Any) -> None:
     """``lpcam amn ...`` (entry point ``lpcam.hosts``): AMN's stage (b); stage (a) is ``lpcam irn`` on AMN's checkout."""
     from .cli import add_host_group
+    from .trial import add_try
 
-    add_host_group(subparsers, INFO, lambda sub: irn_family.add_steps(
-        sub, INFO, _plan, network="net.resnet50_amn", extra=_extra_flags, bank_help="stage-(b) prototype bank file",
-        weights_help="AMN checkpoint file (train_amn writes sess/res50_amn.pth)",
-        baseline_dir_help="AMN's own maps of the list (default <bank>_baseline)"))
+    def steps(sub: Any) -> None:
+        irn_family.add_steps(sub, INFO, _plan, network="net.resnet50_amn", extra=_extra_flags,
+                             bank_help="stage-(b) prototype bank file",
+                             weights_help="AMN checkpoint file (train_amn writes sess/res50_amn.pth)",
+                             baseline_dir_help="AMN's own maps of the list (default <bank>_baseline)")
+        add_try(sub, INFO)
+
+    add_host_group(subparsers, INFO, steps)
 
 
 read_settings(OPTIONS, section="amn")  # a malformed LPCAM_* variable fails here, at import, not hours later

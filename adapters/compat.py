@@ -54,6 +54,8 @@ __all__ = [
     "asarray_collated",
     "numpy_with_collated_asarray",
     "torch_with_cpu_load",
+    "torch_with_stacking_longtensor",
+    "make_stacking_torch",
     "coerce_args",
 ]
 
@@ -303,6 +305,26 @@ def _make_torch_proxy(orig: Any, module: ModuleType) -> Any:
     import torch
 
     return torch_with_cpu_load() if orig is torch else orig
+
+
+def torch_with_stacking_longtensor(base: ModuleType | None = None) -> ModuleType:
+    """A module that is torch except that ``LongTensor(list of numpy arrays)`` stacks the list first
+    (AMN's ``train_amn.resize_labels`` builds its label batch so; torch 2 refuses a list of float arrays)."""
+    import torch
+
+    real = (base or torch).LongTensor
+
+    def long_tensor(*args: Any, **kwargs: Any) -> Any:
+        if len(args) == 1 and not kwargs and isinstance(args[0], list) and args[0] \
+                and all(isinstance(a, np.ndarray) for a in args[0]):
+            return torch.from_numpy(np.stack(args[0])).long()
+        return real(*args, **kwargs)
+
+    return hooks.module_proxy(base or torch, "LongTensor stacks a list of numpy arrays", LongTensor=long_tensor)
+
+
+def make_stacking_torch(orig: Any, module: ModuleType) -> Any:
+    return torch_with_stacking_longtensor(orig) if isinstance(orig, ModuleType) else orig
 
 
 # --------------------------------------------------------------------------- untyped arguments

@@ -150,10 +150,14 @@ def install() -> None:
 def register(subparsers: Any) -> None:
     """``lpcam recam ...`` (entry point ``lpcam.hosts``)."""
     from .cli import add_host_group
+    from .trial import add_try
 
-    add_host_group(subparsers, INFO, lambda sub: irn_family.add_steps(
-        sub, INFO, _plan, weights_required=False, extra=_extra_flags,
-        weights_help="CAM checkpoint file (ReCAM's res50_cam.pth), with --plain-cam"))
+    def steps(sub: Any) -> None:
+        irn_family.add_steps(sub, INFO, _plan, weights_required=False, extra=_extra_flags,
+                             weights_help="CAM checkpoint file (ReCAM's res50_cam.pth), with --plain-cam")
+        add_try(sub, INFO)
+
+    add_host_group(subparsers, INFO, steps)
 
 
 recam_settings()  # a malformed LPCAM_* variable fails here, at import, not hours later

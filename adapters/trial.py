@@ -29,7 +29,7 @@ from typing import Any
 
 from .base import HostInfo
 
-__all__ = ["RUNNER", "try_irn", "add_try", "host_miou", "synthetic_voc", "percent", "report", "best_miou",
+__all__ = ["RUNNER", "try_irn", "irn_family_runs", "add_try", "host_miou", "synthetic_voc", "percent", "report", "best_miou",
            "try_mctformer", "add_try_mctformer"]
 
 logger = logging.getLogger(__name__)
@@ -54,8 +54,9 @@ IRN_LATER_PASSES_OFF = ["--train_irn_pass", "0", "--make_ins_seg_pass", "0", "--
 
 
 def host_miou(stdout: str) -> float | None:
-    """The mIoU IRN's eval_cam prints (``{'iou': ..., 'miou': 0.43}`` or ``np.float64(0.43)``), else None."""
-    found = re.findall(r"'miou': (?:np\.float64\()?([0-9.eE+-]+|nan)", stdout)
+    """The mIoU the IRN family's eval steps print (``{'iou': ..., 'miou': 0.43}``, ``np.float64(0.43)``, ReCAM's
+    ``threshold: 0.21 miou: 0.43 ...``), else None."""
+    found = re.findall(r"'?miou'?: (?:np\.float64\()?([0-9.eE+-]+|nan)", stdout)
     return float(found[-1]) if found else None
 
 
@@ -75,14 +76,63 @@ def synthetic_voc(out: Path, images: int, size: int, seed: int) -> tuple[Path, d
     return root, labels, train, val
 
 
+def irn_family_runs(host: str, root: Path, epochs: int, crf: bool) -> tuple[list[str], list[tuple[str, dict, list[str]]]]:
+    """(flags of both runs, [(title, environment, flags)]) of the try path of an IRN-family host.
+
+    IRN: run_sample.py's passes are on unless given (``is True`` tests: any value turns one off); ReCAM and
+    AMN: off unless ``True``. The own run trains (a small seeded learning rate: IRN's 0.1 can leave a tiny
+    model's CAMs all zero) and makes the host's CAM; the swapped run reuses those weights.
+    """
+    thresholds = ["--cam_eval_thres", "0.30", "--conf_fg_thres", "0.45", "--conf_bg_thres", "0.25"]
+    train = ["--cam_num_epoches", str(epochs), "--cam_batch_size", "4", "--cam_learning_rate", "0.01"]
+    on = ["True"]
+    if host == "irn":
+        common = ["--voc12_root", str(root), "--num_workers", "1", "--cam_weights_name", "sess/res50_cam.pth",
+                  *IRN_LATER_PASSES_OFF, *([] if crf else ["--cam_to_ir_label_pass", "0"])]
+        return common, [
+            ("LPCAM=0 (the host's own CAM)", {"LPCAM": "0"},
+             [*train, "--cam_out_dir", "result/cam_own", "--ir_label_out_dir", "result/ir_label_own"]),
+            ("LPCAM=1 (the swap)", {"LPCAM": "1"},
+             ["--train_cam_pass", "0", "--cam_out_dir", "result/cam", "--ir_label_out_dir", "result/ir_label", *thresholds]),
+        ]
+    ir_label = ["--cam_to_ir_label_pass", *on] if crf else []
+    if host == "recam":  # ReCAM's paths are relative to --work_space
+        common = ["--voc12_root", str(root), "--num_workers", "1", "--work_space", "ws", "--recam_num_epoches", "1"]
+        return common, [
+            ("LPCAM=0 (the host's own ReCAM)", {"LPCAM": "0"},
+             ["--train_cam_pass", *on, "--train_recam_pass", *on, "--make_recam_pass", *on, "--eval_cam_pass", *on,
+              *ir_label, *train, "--cam_out_dir", "cam_own", "--ir_label_out_dir", "ir_label_own"]),
+            ("LPCAM=1 (the swap)", {"LPCAM": "1"},
+             ["--make_recam_pass", *on, "--eval_cam_pass", *on, *ir_label, "--cam_out_dir", "cam",
+              "--ir_label_out_dir", "ir_label", *thresholds]),
+        ]
+    if host == "amn":  # stage (a) IRN's CAM and ir labels train AMN; the swap is stage (b), AMN's own CAM
+        common = ["--voc12_root", str(root), "--num_workers", "1", "--cam_crop_size", "64", "--amn_crop_size", "64"]
+        return common, [
+            ("LPCAM=0 (the host's own AMN CAM)", {"LPCAM": "0"},
+             ["--train_cam_pass", *on, "--make_cam_pass", *on, "--eval_cam_pass", *on, "--cam_to_ir_label_pass", *on,
+              "--train_amn_pass", *on, "--make_amn_cam_pass", *on, "--eval_amn_cam_pass", *on,
+              "--amn_cam_to_ir_label_pass", *on, *train, "--amn_num_epoches", "1", "--amn_batch_size", "4",
+              "--amn_cam_out_dir", "result/amn_cam_own", "--amn_ir_label_out_dir", "result/amn_ir_label_own"]),
+            ("LPCAM=1 (the swap)", {"LPCAM": "1"},
+             ["--make_amn_cam_pass", *on, "--eval_amn_cam_pass", *on, "--amn_cam_to_ir_label_pass", *on,
+              "--amn_cam_out_dir", "result/amn_cam", "--amn_ir_label_out_dir", "result/amn_ir_label"]),
+        ]
+    raise ValueError(f"no try path for {host!r}")
+
+
 def try_irn(info: HostInfo, host_dir: str, out: str, *, images: int = 20, size: int = 64, epochs: int = 2,
             seed: int = 0, timeout: float = 3600) -> int:
-    """The try path for IRN (see the module docstring); returns 0 when both runs finished."""
+    """The try path for IRN, ReCAM or AMN (see the module docstring); returns 0 when both runs finished."""
     from . import cli, irn_family
 
     checkout = cli.check_checkout(host_dir, info)
     if images < 20:
-        raise ValueError(f"--images {images}: IRN's steps need at least 20 (they divide the list by 20)")
+        raise ValueError(f"--images {images}: the IRN family's steps need at least 20 (they divide the list by 20)")
+    crf = importlib.util.find_spec("pydensecrf") is not None
+    if not crf and info.name == "amn":
+        raise ValueError("AMN trains on the ir labels of cam_to_ir_label, which needs pydensecrf: "
+                         "pip install 'lpcam[hosts]'")
     out_dir = Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"lpcam {info.name} try: {checkout} (never written) -> {out_dir}")
@@ -98,26 +148,15 @@ def try_irn(info: HostInfo, host_dir: str, out: str, *, images: int = 20, size: 
         script.unlink()
         shutil.copyfile(checkout / info.entry_script, script)
     cli.patch_entry_script(work, info)
-    crf = importlib.util.find_spec("pydensecrf") is not None
     if not crf:
         print("  cam_to_ir_label skipped: pydensecrf is not installed (pip install 'lpcam[hosts]')")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LPCAM")}
     env.update(LPCAM_NO_PRETRAINED="1", LPCAM_WORKERS="0", LPCAM_DEVICE="cpu", LPCAM_TRY_SEED=str(seed),
                PYTHONPYCACHEPREFIX=str(out_dir / "pycache"), PYTHONUNBUFFERED="1")
-    common = ["--voc12_root", str(root), "--num_workers", "1", "--cam_weights_name", "sess/res50_cam.pth",
-              *IRN_LATER_PASSES_OFF]
-    runs = [
-        ("LPCAM=0 (the host's own CAM)", {"LPCAM": "0"},
-         ["--cam_num_epoches", str(epochs), "--cam_batch_size", "4", "--cam_learning_rate", "0.01",
-          "--cam_out_dir", "result/cam_own",
-          "--ir_label_out_dir", "result/ir_label_own"]),
-        ("LPCAM=1 (the swap)", {"LPCAM": "1"},
-         ["--train_cam_pass", "0", "--cam_out_dir", "result/cam", "--ir_label_out_dir", "result/ir_label",
-          "--cam_eval_thres", "0.30", "--conf_fg_thres", "0.45", "--conf_bg_thres", "0.25"]),
-    ]
+    common, runs = irn_family_runs(info.name, root, epochs, crf)
     results = []
     for title, extra_env, flags in runs:
-        argv = [*common, *flags] + ([] if crf else ["--cam_to_ir_label_pass", "0"])
+        argv = [*common, *flags]
         cmd = [sys.executable, "-c", RUNNER, info.entry_script, *argv]
         shown = " ".join(f"{k}={v}" for k, v in {**extra_env, "LPCAM_NO_PRETRAINED": "1"}.items())
         print(f"\n  {title}, in {work}:\n    {shown} python {info.entry_script} {' '.join(argv)}")
@@ -132,16 +171,14 @@ def try_irn(info: HostInfo, host_dir: str, out: str, *, images: int = 20, size: 
             print(f"    failed ({proc.returncode}) after {seconds:.0f}s: {last}\n    full log: {log}")
             return 2
         results.append((title, host_miou(proc.stdout), seconds, log))
-        print(f"    finished in {seconds:.0f}s; host's eval_cam mIoU {percent(results[-1][1])}; log {log}")
-    print("\n  files:")
-    print(f"    weights {work / 'sess' / 'res50_cam.pth.pth'}; own CAMs {work / 'result' / 'cam_own'}; LPCAM maps "
-          f"{work / 'result' / 'cam'}; baseline CAMs of the prototype list {work / 'result' / 'cam_baseline'}; "
-          f"bank {work / 'result' / 'lpcam_bank.pt'}" + (f"; ir_label {work / 'result' / 'ir_label'}" if crf else ""))
-    print("\n  | run | IRN eval_cam mIoU (%) | seconds |\n  |---|---:|---:|")
+        print(f"    finished in {seconds:.0f}s; host's eval mIoU {percent(results[-1][1])}; log {log}")
+    print(f"\n  files: everything the host wrote is under {work} (weights, CAM folders of both runs, the bank "
+          "next to the LPCAM folder, its baseline CAMs of the prototype list)")
+    print("\n  | run | host's eval mIoU (%) | seconds |\n  |---|---:|---:|")
     for title, miou, seconds, _ in results:
         print(f"  | {title} | {percent(miou)} | {seconds:.0f} |")
-    print("\n  A one-epoch model on synthetic images: these numbers check the plumbing, not LPCAM's gain. On VOC with a "
-          "trained checkpoint and a GPU, run the same two commands in your checkout (docs/hosts/irn.md).")
+    print("\n  A briefly trained model on synthetic images: these numbers check the plumbing, not LPCAM's gain. On VOC "
+          f"with a trained checkpoint and a GPU, run the same two commands in your checkout (docs/hosts/{info.name}.md).")
     return 0
 
 
@@ -172,7 +209,8 @@ def add_try(sub: Any, info: HostInfo) -> None:
     p.add_argument("--out", default=f"lpcam_try_{info.name}", help="work folder (default lpcam_try_<host>)")
     p.add_argument("--images", type=int, default=20, help="training images (default and least 20)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
-    p.add_argument("--epochs", type=int, default=2, help="train_cam epochs (default 2)")
+    p.add_argument("--epochs", type=int, default=2, help="train_cam epochs (default 2; ReCAM and AMN: 1 epoch of "
+                   "their own stage after it)")
     p.add_argument("--seed", type=int, default=0, help="synthetic data seed (default 0)")
     p.set_defaults(func=lambda ns: try_irn(info, ns.host_dir, ns.out, images=ns.images, size=ns.size,
                                            epochs=ns.epochs, seed=ns.seed))

@@ -284,3 +284,29 @@ def test_make_sem_seg_labels_gets_the_collated_numpy(tmp_path, monkeypatch):
         for name in list(sys.modules):
             if name.split(".")[0] == "step":
                 del sys.modules[name]
+
+
+def test_longtensor_of_a_list_of_numpy_label_maps():
+    """AMN's train_amn.resize_labels: torch.LongTensor([float32 arrays]) fails on torch 2; the module-local torch
+    stacks the list first, and leaves every other use of LongTensor alone."""
+    import numpy as np
+    import torch
+
+    from lpcam_adapters.compat import torch_with_stacking_longtensor
+
+    labels = [np.array([[0, 1], [255, 2]], np.float32), np.array([[3, 3], [0, 255]], np.float32)]
+    with pytest.raises(TypeError):
+        torch.LongTensor(labels)
+    proxy = torch_with_stacking_longtensor()
+    got = proxy.LongTensor(labels)
+    assert got.dtype == torch.int64 and got.tolist() == [[[0, 1], [255, 2]], [[3, 3], [0, 255]]]
+    assert proxy.LongTensor([1, 2]).tolist() == [1, 2] and proxy.LongTensor(2, 3).shape == (2, 3)
+    assert proxy.zeros is torch.zeros and torch.LongTensor is not proxy.LongTensor
+
+
+def test_eval_outputs_of_the_irn_family_are_parsed():
+    from lpcam_adapters.trial import host_miou
+
+    assert host_miou("threshold: 0.21 miou: 0.2190 i_imgs 20") == pytest.approx(0.219)  # ReCAM's eval_cam
+    assert host_miou("{'iou': array([0.9, 0.1]), 'miou': np.float64(0.43)}") == pytest.approx(0.43)  # IRN's
+    assert host_miou("nothing here") is None
