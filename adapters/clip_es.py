@@ -37,12 +37,10 @@ import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from . import hooks
@@ -389,30 +387,16 @@ def try_clip_es(info: HostInfo, host_dir: str, out: str, *, images: int = 20, si
     numbers check the plumbing only. A random CLIP scores no centre above mu_f = 0.9, so the swapped run
     sets ``LPCAM_MU_F=0 LPCAM_MU_B=1`` (every class centre a prototype, context as the bounds allow) and says so.
     """
-    from lpcam_core.formats import write_host_lists, write_voc_annotations
+    from lpcam_core.formats import write_voc_annotations
 
-    from . import cli, irn_family
-    from .trial import RUNNER, percent, report, synthetic_voc
+    from .trial import RUNNER, percent, prepare_try, report
 
-    checkout = cli.check_checkout(host_dir, info)
     if images < 2:
         raise ValueError(f"--images {images}: expected at least 2 (CLIP-ES reads its list with np.loadtxt)")
-    out_dir = Path(out).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report(f"lpcam {info.name} try: {checkout} (never written) -> {out_dir}")
-    root, labels, train, val = synthetic_voc(out_dir, images, size, seed)
-    write_voc_annotations(root, labels)
-    work = irn_family.prepare_workdir(checkout, out_dir / "work", marker=info.entry_script)
-    write_host_lists(info.name, work, labels, train, val)
-    report(f"  synthetic VOC: {root} ({len(train)} train images of {size}x{size}, Annotations XML); lists in "
-          f"{work / 'voc12'}")
-    script = work / info.entry_script
-    if script.is_symlink():
-        script.unlink()
-        shutil.copyfile(checkout / info.entry_script, script)
-    cli.patch_entry_script(work, info)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LPCAM")}
-    env.update(LPCAM_TRY_SEED=str(seed), PYTHONPYCACHEPREFIX=str(out_dir / "pycache"), PYTHONUNBUFFERED="1")
+    setup = prepare_try(info, host_dir, out, images=images, size=size, seed=seed, marker=info.entry_script)
+    out_dir, root, work, env = setup.out_dir, setup.root, setup.work, setup.env
+    write_voc_annotations(root, setup.labels)
+    report(f"  Annotations XML (what CLIP-ES reads the classes and sizes from): {root / 'Annotations'}")
     weights = out_dir / "tiny_clip.pt"
     subprocess.run([sys.executable, "-c", TINY_CLIP, str(weights), str(seed)], cwd=work, env=env, check=True,
                    capture_output=True, timeout=timeout)
@@ -465,18 +449,15 @@ def try_clip_es(info: HostInfo, host_dir: str, out: str, *, images: int = 20, si
 
 def add_try(sub: Any, info: HostInfo) -> None:
     """The ``try`` step of ``lpcam clip-es``."""
-    p = sub.add_parser("try", help="CLIP-ES's generation and evaluation on a small synthetic VOC, CPU, offline, with "
-                                   "and without LPCAM",
-                       description="Writes a small synthetic VOC (with Annotations XML) and a work folder of links to "
-                                   "HOST_DIR (never written) with a patched copy of generate_cams_voc12.py, builds a tiny "
-                                   "random-init CLIP with the checkout's clip/model.py (no weights are downloaded), then "
-                                   "runs generate_cams_voc12.py, eval_cam.py and eval_cam_with_crf.py --eval_only twice: "
-                                   "LPCAM=0 and LPCAM=1. Prints the commands, the files and the host's own mIoU.")
-    p.add_argument("host_dir", help=f"a {info.title} checkout (never written)")
-    p.add_argument("--out", default=f"lpcam_try_{info.name}", help="work folder (default lpcam_try_<host>)")
-    p.add_argument("--images", type=int, default=20, help="training images (default 20)")
-    p.add_argument("--size", type=int, default=96, help="image side in pixels (default 96)")
-    p.add_argument("--seed", type=int, default=0, help="synthetic data and model seed (default 0)")
+    from .trial import try_parser
+
+    p = try_parser(sub, info, help="CLIP-ES's generation and evaluation on a small synthetic VOC, CPU, offline, with and "
+                                   "without LPCAM",
+                   description="Writes a small synthetic VOC (with Annotations XML) and a work folder of links to "
+                               "HOST_DIR (never written) with a patched copy of generate_cams_voc12.py, builds a tiny "
+                               "random-init CLIP with the checkout's clip/model.py (no weights are downloaded), then runs "
+                               "generate_cams_voc12.py, eval_cam.py and eval_cam_with_crf.py --eval_only twice: LPCAM=0 "
+                               "and LPCAM=1. Prints the commands, the files and the host's own mIoU.", size=96)
     p.set_defaults(func=lambda ns: try_clip_es(info, ns.host_dir, ns.out, images=ns.images, size=ns.size, seed=ns.seed))
 
 

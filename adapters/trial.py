@@ -24,12 +24,13 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .base import HostInfo
 
-__all__ = ["RUNNER", "try_irn", "irn_family_runs", "add_try", "host_miou", "synthetic_voc", "percent", "report", "best_miou",
+__all__ = ["RUNNER", "TrySetup", "prepare_try", "try_parser", "try_irn", "irn_family_runs", "add_try", "host_miou", "synthetic_voc", "percent", "report", "best_miou",
            "try_mctformer", "add_try_mctformer"]
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,55 @@ def synthetic_voc(out: Path, images: int, size: int, seed: int) -> tuple[Path, d
     val = (root / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
     labels = {i: [int(c) for c in table[int(i.replace("_", ""))].nonzero()[0]] for i in train + val}
     return root, labels, train, val
+
+
+@dataclass
+class TrySetup:
+    """What every ``try`` path prepares (:func:`prepare_try`).
+
+    Attributes:
+        out_dir: the work folder (absolute).
+        root: the synthetic VOC root.
+        labels: image id -> 0-based classes present.
+        train, val: the ids of the two splits.
+        work: the run folder of links to the checkout, with the patched entry script and the host's lists.
+        env: the environment of the host's processes (no ``LPCAM*`` of the caller's).
+    """
+
+    out_dir: Path
+    root: Path
+    labels: dict[str, list[int]]
+    train: list[str]
+    val: list[str]
+    work: Path
+    env: dict[str, str]
+
+
+def prepare_try(info: HostInfo, host_dir: str, out: str, *, images: int, size: int, seed: int,
+                marker: str | None = None) -> TrySetup:
+    """The common start of ``lpcam <host> try``: the synthetic VOC and the lists ``info``'s host reads, a work
+    folder of links to the checkout (never written) holding a patched copy of the entry script."""
+    from lpcam_core.formats import write_host_lists
+
+    from . import cli, irn_family
+
+    checkout = cli.check_checkout(host_dir, info)
+    out_dir = Path(out).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report(f"lpcam {info.name} try: {checkout} (never written) -> {out_dir}")
+    root, labels, train, val = synthetic_voc(out_dir, images, size, seed)
+    work = irn_family.prepare_workdir(checkout, out_dir / "work", **({"marker": marker} if marker else {}))
+    write_host_lists(info.name, work, labels, train, val)  # docs/hosts: the layout each host reads
+    report(f"  synthetic VOC: {root} ({len(train)} train, {len(val)} val images of {size}x{size}); "
+           f"lists in {work / 'voc12'}")
+    script = work / info.entry_script
+    if script.is_symlink():
+        script.unlink()
+        shutil.copyfile(checkout / info.entry_script, script)
+    cli.patch_entry_script(work, info)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LPCAM")}
+    env.update(LPCAM_TRY_SEED=str(seed), PYTHONPYCACHEPREFIX=str(out_dir / "pycache"), PYTHONUNBUFFERED="1")
+    return TrySetup(out_dir, root, labels, train, val, work, env)
 
 
 def irn_family_runs(host: str, root: Path, epochs: int, crf: bool) -> tuple[list[str], list[tuple[str, dict, list[str]]]]:
@@ -124,35 +174,17 @@ def irn_family_runs(host: str, root: Path, epochs: int, crf: bool) -> tuple[list
 def try_irn(info: HostInfo, host_dir: str, out: str, *, images: int = 20, size: int = 64, epochs: int = 2,
             seed: int = 0, timeout: float = 3600) -> int:
     """The try path for IRN, ReCAM or AMN (see the module docstring); returns 0 when both runs finished."""
-    from . import cli, irn_family
-
-    checkout = cli.check_checkout(host_dir, info)
     if images < 20:
         raise ValueError(f"--images {images}: the IRN family's steps need at least 20 (they divide the list by 20)")
     crf = importlib.util.find_spec("pydensecrf") is not None
     if not crf and info.name == "amn":
         raise ValueError("AMN trains on the ir labels of cam_to_ir_label, which needs pydensecrf: "
                          "pip install 'lpcam[hosts]'")
-    out_dir = Path(out).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"lpcam {info.name} try: {checkout} (never written) -> {out_dir}")
-    from lpcam_core.formats import write_host_lists
-
-    root, labels, train, val = synthetic_voc(out_dir, images, size, seed)
-    work = irn_family.prepare_workdir(checkout, out_dir / "work")
-    write_host_lists(info.name, work, labels, train, val)  # docs/hosts: the layout each host reads
-    print(f"  synthetic VOC: {root} ({len(train)} train, {len(val)} val images of {size}x{size}); "
-          f"lists and cls_labels in {work / 'voc12'}")
-    script = work / info.entry_script
-    if script.is_symlink():
-        script.unlink()
-        shutil.copyfile(checkout / info.entry_script, script)
-    cli.patch_entry_script(work, info)
+    setup = prepare_try(info, host_dir, out, images=images, size=size, seed=seed)
+    out_dir, root, work, env = setup.out_dir, setup.root, setup.work, setup.env
     if not crf:
         print("  cam_to_ir_label skipped: pydensecrf is not installed (pip install 'lpcam[hosts]')")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LPCAM")}
-    env.update(LPCAM_NO_PRETRAINED="1", LPCAM_WORKERS="0", LPCAM_DEVICE="cpu", LPCAM_TRY_SEED=str(seed),
-               PYTHONPYCACHEPREFIX=str(out_dir / "pycache"), PYTHONUNBUFFERED="1")
+    env.update(LPCAM_NO_PRETRAINED="1", LPCAM_WORKERS="0", LPCAM_DEVICE="cpu")
     common, runs = irn_family_runs(info.name, root, epochs, crf)
     results = []
     for title, extra_env, flags in runs:
@@ -197,21 +229,27 @@ def _shims() -> list[str]:
     return list(SHIMS)
 
 
-def add_try(sub: Any, info: HostInfo) -> None:
-    """The ``try`` step of an IRN-family host's command group."""
-    p = sub.add_parser("try", help="the host's pipeline on a small synthetic VOC, CPU, offline, with and without LPCAM",
-                       description="Writes a small synthetic VOC and a work folder of links to HOST_DIR (never written) "
-                                   "with a patched copy of the entry script, then runs the host's own pipeline twice "
-                                   "on the CPU without any download: LPCAM=0 (train 1 epoch, the host's CAM, its "
-                                   "eval, the next step) and LPCAM=1 (the swap, the same eval and next step). Prints "
-                                   "the commands, the files and the host's own mIoU of both runs.")
+def try_parser(sub: Any, info: HostInfo, *, help: str, description: str, size: int, images: int = 20) -> Any:
+    """The ``try`` sub-parser with the arguments every host's try path takes (checkout, work folder, sizes, seed)."""
+    p = sub.add_parser("try", help=help, description=description)
     p.add_argument("host_dir", help=f"a {info.title} checkout (never written)")
     p.add_argument("--out", default=f"lpcam_try_{info.name}", help="work folder (default lpcam_try_<host>)")
-    p.add_argument("--images", type=int, default=20, help="training images (default and least 20)")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--images", type=int, default=images, help=f"training images (default {images})")
+    p.add_argument("--size", type=int, default=size, help=f"image side in pixels (default {size})")
+    p.add_argument("--seed", type=int, default=0, help="synthetic data and training seed (default 0)")
+    return p
+
+
+def add_try(sub: Any, info: HostInfo) -> None:
+    """The ``try`` step of an IRN-family host's command group."""
+    p = try_parser(sub, info, help="the host's pipeline on a small synthetic VOC, CPU, offline, with and without LPCAM",
+                   description="Writes a small synthetic VOC and a work folder of links to HOST_DIR (never written) "
+                               "with a patched copy of the entry script, then runs the host's own pipeline twice on the "
+                               "CPU without any download: LPCAM=0 (training, the host's CAM, its eval, the next step) "
+                               "and LPCAM=1 (the swap, the same eval and next step). Prints the commands, the files "
+                               "and the host's own mIoU of both runs.", size=64)
     p.add_argument("--epochs", type=int, default=2, help="train_cam epochs (default 2; ReCAM and AMN: 1 epoch of "
                    "their own stage after it)")
-    p.add_argument("--seed", type=int, default=0, help="synthetic data seed (default 0)")
     p.set_defaults(func=lambda ns: try_irn(info, ns.host_dir, ns.out, images=ns.images, size=ns.size,
                                            epochs=ns.epochs, seed=ns.seed))
 
@@ -228,29 +266,14 @@ def best_miou(stdout: str) -> float | None:
 def try_mctformer(info: HostInfo, host_dir: str, out: str, *, images: int = 20, size: int = 96, epochs: int = 2,
                   model: str | None = None, seed: int = 0, timeout: float = 3600) -> int:
     """The try path for MCTformer: main.py trains, generates (LPCAM=0, then the swap) and evaluation.py scores."""
-    from lpcam_core.formats import write_host_lists
-
-    from . import cli, irn_family
+    from . import cli
 
     checkout = cli.check_checkout(host_dir, info)
     models_py = (checkout / "models.py").read_text(encoding="utf-8", errors="replace")
     plus = "class MCTformerPlus" in models_py
     model = model or ("deit_small_MCTformerPlus" if plus else "deit_small_MCTformerV2_patch16_224")
-    out_dir = Path(out).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report(f"lpcam {info.name} try: {checkout} (never written) -> {out_dir}")
-    root, labels, train, val = synthetic_voc(out_dir, images, size, seed)
-    work = irn_family.prepare_workdir(checkout, out_dir / "work", marker=info.entry_script)
-    write_host_lists(info.name, work, labels, train, val)  # voc12/{train_id,train_aug_id,val_id}.txt, cls_labels.npy
-    report(f"  synthetic VOC: {root} ({len(train)} train, {len(val)} val images of {size}x{size}); lists and "
-           f"cls_labels in {work / 'voc12'}")
-    script = work / info.entry_script
-    if script.is_symlink():
-        script.unlink()
-        shutil.copyfile(checkout / info.entry_script, script)
-    cli.patch_entry_script(work, info)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LPCAM")}
-    env.update(LPCAM_TRY_SEED=str(seed), PYTHONPYCACHEPREFIX=str(out_dir / "pycache"), PYTHONUNBUFFERED="1")
+    setup = prepare_try(info, host_dir, out, images=images, size=size, seed=seed, marker=info.entry_script)
+    out_dir, root, work, env = setup.out_dir, setup.root, setup.work, setup.env
     size_flags = ["--input-size", str(size)] if plus else []
     common = ["--model", model, "--img-list", "voc12", "--data-path", str(root), "--device", "cpu", "--num_workers", "0",
               *size_flags]
@@ -299,17 +322,12 @@ def try_mctformer(info: HostInfo, host_dir: str, out: str, *, images: int = 20, 
 
 def add_try_mctformer(sub: Any, info: HostInfo) -> None:
     """The ``try`` step of ``lpcam mctformer``."""
-    p = sub.add_parser("try", help="MCTformer's pipeline on a small synthetic VOC, CPU, offline, with and without LPCAM",
-                       description="Writes a small synthetic VOC and a work folder of links to HOST_DIR (never written) "
-                                   "with a patched copy of main.py, then runs the host as a user would, on the CPU "
-                                   "without any download: main.py trains from random weights, generates the maps "
-                                   "with LPCAM=0 and with the swap, and evaluation.py scores both.")
-    p.add_argument("host_dir", help=f"a {info.title} checkout (never written)")
-    p.add_argument("--out", default=f"lpcam_try_{info.name}", help="work folder (default lpcam_try_<host>)")
-    p.add_argument("--images", type=int, default=20, help="training images (default 20)")
-    p.add_argument("--size", type=int, default=96, help="image side and input size in pixels (default 96)")
+    p = try_parser(sub, info, help="MCTformer's pipeline on a small synthetic VOC, CPU, offline, with and without LPCAM",
+                   description="Writes a small synthetic VOC and a work folder of links to HOST_DIR (never written) "
+                               "with a patched copy of main.py, then runs the host as a user would, on the CPU without "
+                               "any download: main.py trains from random weights, generates the maps with LPCAM=0 and "
+                               "with the swap, and evaluation.py scores both.", size=96)
     p.add_argument("--epochs", type=int, default=2, help="training epochs (default 2)")
     p.add_argument("--model", help="timm model name (default deit_small_MCTformerPlus, or the V2 model in a V2 checkout)")
-    p.add_argument("--seed", type=int, default=0, help="synthetic data and training seed (default 0)")
     p.set_defaults(func=lambda ns: try_mctformer(info, ns.host_dir, ns.out, images=ns.images, size=ns.size,
                                                  epochs=ns.epochs, model=ns.model, seed=ns.seed))
