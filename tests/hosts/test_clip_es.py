@@ -351,3 +351,21 @@ def test_coco_script_takes_the_same_line(kit, hostkit):
                         "--cam_type", "attn_highres", "--gt_root", str(kit["root"] / "SegmentationClass"),
                         "--split_file", str(coco_list)], work, kit["env"])
     assert clip_es.mean_iou(proc.stdout) is not None
+
+
+def test_explicit_steps_build_the_bank_then_make_the_maps(kit, hostkit, tmp_path):
+    """`lpcam clip-es prototypes` builds the bank and stops (no map); `lpcam clip-es make` then reuses it and writes
+    the host's files; both run the unmodified checkout in-process (on the CPU here)."""
+    bank = tmp_path / "bank.pt"
+    script_args = ["--img_root", str(kit["root"] / "JPEGImages"), "--split_file", "voc12/train.txt", "--model",
+                   str(kit["weights"]), "--cam_out_dir", str(tmp_path / "voc12_cams")]
+    env = {**kit["env"], **RANDOM_CLIP, "PYTHONDONTWRITEBYTECODE": "1"}
+    cli = [sys.executable, "-m", "lpcam_core.cli", "clip-es"]
+    hostkit.run([*cli, "prototypes", "--host", str(kit["host"]), "--bank", str(bank), "--", *script_args], kit["work"], env)
+    assert bank.is_file()
+    assert not os.listdir(tmp_path / "voc12_cams"), "prototypes stops before any map"
+    before = bank.stat().st_mtime_ns
+    proc = hostkit.run([*cli, "make", "--host", str(kit["host"]), "--bank", str(bank), "--", *script_args], kit["work"], env)
+    assert "reusing the prototype bank" in proc.stdout + proc.stderr and bank.stat().st_mtime_ns == before
+    assert len(os.listdir(tmp_path / "voc12_cams")) == NUM_IMAGES
+    assert hostkit.git_status(kit["host"]) == ""
