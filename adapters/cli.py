@@ -198,6 +198,11 @@ def explain_text(info: HostInfo) -> str:
     from . import hooks
 
     module = importlib.import_module(info.module)
+    # Another adapter imported later in this process may have replaced a patch both register (IRN, ReCAM and AMN
+    # all patch step.make_cam:run): the host's own line registers its own, so explain that.
+    install = getattr(module, "install", None)
+    if callable(install):
+        install()
     owners = {info.module, "lpcam_adapters.compat", *getattr(module, "PATCH_OWNERS", ())}
     rows = [r for r in hooks.describe_patches() if r.owner in owners]
     lines = [f"`import {info.module}` registers these patches (applied when the host imports the module):", ""]

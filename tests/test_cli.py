@@ -137,3 +137,20 @@ def test_the_wheel_ships_the_benchmarks_patches_and_entry_points(tmp_path):
     probe = "import lpcam_core, lpcam_adapters; print(lpcam_core.__file__, lpcam_adapters.__file__)"
     where = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert str(target) in where.stdout
+
+
+@pytest.mark.parametrize("host, own_words", [("irn", "IRN's own maps"), ("recam", "ReCAM's own maps"),
+                                             ("amn", "AMN stage (a)")])
+def test_explain_describes_the_hosts_own_patch_whatever_was_imported_last(host, own_words, capsys):
+    """IRN, ReCAM and AMN all patch step.make_cam:run; `lpcam <host> --explain` lists the one its own line registers,
+    even when another adapter was imported after it in this process."""
+    import importlib
+
+    from lpcam_adapters import hooks
+
+    with hooks.scoped():
+        for other in ("irn", "recam", "amn"):  # every adapter imported, in some order, as building the parser does
+            importlib.import_module(f"lpcam_adapters.{other}").install()
+        assert main([host, "--explain"]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step.make_cam:run")]
+    assert len(row) == 1 and own_words in row[0], row
