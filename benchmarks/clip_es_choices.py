@@ -205,13 +205,7 @@ def run_seed(seed: int, epochs: int, num_classes: int, progress: bool, num_image
         with torch.no_grad():
             for kind in FEATURES:
                 feats = model.local_features(val_x[i:i + 1], kind)[0]
-                known = [k for k in keys if k in banks[kind].foreground]
-                maps = torch.zeros(len(keys), *feats.shape[1:])
-                if known:
-                    got = lpcam_map(feats, banks[kind], known)
-                    for j, k in enumerate(keys):
-                        if k in known:
-                            maps[j] = got[known.index(k)]
+                maps = lpcam_map(feats, banks[kind], keys, missing="zeros")
                 seeds[f"LPCAM {kind}"].append({"keys": np.array(keys), "high_res": upscale(maps, size)})
     thresholds = [round(0.05 * t, 2) for t in range(1, 20)]
     out = {"seed": seed, "train_loss": loss, "seconds": time.perf_counter() - t0,

@@ -101,7 +101,7 @@ def _float32_maths(device: torch.device):
             torch.set_float32_matmul_precision(previous)
 
 
-def lpcam_map(fused: torch.Tensor, bank: PrototypeBank, classes) -> torch.Tensor:
+def lpcam_map(fused: torch.Tensor, bank: PrototypeBank, classes, *, missing: str = "error") -> torch.Tensor:
     """LPCAM of ``classes`` on one feature map (step 5 of the method), all classes in one matmul.
 
     ``A_c = mean_i cos(f, P_c,i) - mean_j cos(f, B_c,j)`` then ReLU; a class with no context prototype
@@ -110,15 +110,27 @@ def lpcam_map(fused: torch.Tensor, bank: PrototypeBank, classes) -> torch.Tensor
     Args:
         fused: [C, h, w] or [B, C, h, w] local features (the flip-fused sum for inference).
         bank: the prototypes.
-        classes: sequence or tensor of class indices, each present in ``bank``.
+        classes: sequence or tensor of class indices.
+        missing: a class without prototypes in ``bank``: ``"error"`` (``ValueError``, default) or ``"zeros"``
+            (an all-zero map, with a warning the first time the class is met), as for :func:`lpcam_multiscale`.
 
     Returns:
         [n, h, w] or [B, n, h, w] float32 on ``fused``'s device.
     """
+    if missing not in ("error", "zeros"):
+        raise ValueError(f"missing={missing!r}: expected 'error' or 'zeros'")
     _check_features(fused, "fused", (3, 4), bank.feature_dim)
-    keys = bank.check_classes(_class_list(classes), "classes")
+    requested = _class_list(classes)
+    keys = [k for k in requested if k in bank.foreground] if missing == "zeros" else requested
+    keys = bank.check_classes(keys, "classes")
     single = fused.ndim == 3
-    out = _lpcam_map_checked(fused[None] if single else fused, bank, keys)
+    x = fused[None] if single else fused
+    out = _lpcam_map_checked(x, bank, keys)
+    if len(keys) < len(requested):
+        _warn_missing(requested, keys)
+        full = out.new_zeros(x.shape[0], len(requested), *x.shape[2:])
+        full[:, [requested.index(k) for k in keys]] = out
+        out = full
     return out[0] if single else out
 
 
@@ -240,12 +252,17 @@ def lpcam_multiscale(features, bank: PrototypeBank, keys, image_size, *, eps: fl
 _warned_missing: set[int] = set()
 
 
-def _with_zero_maps(requested: list[int], known: list[int], record: dict, image_size: tuple[int, int]) -> dict:
-    """``record`` of the ``known`` classes spread into maps of every ``requested`` class (zeros elsewhere)."""
+def _warn_missing(requested: list[int], known: list[int]) -> None:
+    """Warn once per process about each requested class with no prototype (its maps are zero)."""
     new = sorted(set(requested) - set(known) - _warned_missing)
     if new:
         _warned_missing.update(new)
         logger.warning("classes %s have no prototype in the bank: their LPCAM maps are zero", new)
+
+
+def _with_zero_maps(requested: list[int], known: list[int], record: dict, image_size: tuple[int, int]) -> dict:
+    """``record`` of the ``known`` classes spread into maps of every ``requested`` class (zeros elsewhere)."""
+    _warn_missing(requested, known)
     cam = torch.zeros(len(requested), *strided_size(image_size, 4))
     high = np.zeros((len(requested), *image_size), dtype=np.float32)
     for j, k in enumerate(known):

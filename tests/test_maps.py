@@ -302,3 +302,27 @@ def test_maps_are_within_1e5_of_float64_when_class_and_context_nearly_cancel(spr
         assert float(raw.max()) < 4e-3  # the cancellation is real: maps two orders below the similarities
         got = lpcam_multiscale(feats, bank, [0, 1, 2], (190, 250))["high_res"]
         assert np.abs(got - _float64_maps(feats, bank, [0, 1, 2], (190, 250))).max() <= 1e-5
+
+
+def test_lpcam_map_missing_classes_zeros_or_error(caplog):
+    """``missing="zeros"``: a class without prototypes gets a zero map in its place (warned once), the others are
+    the maps of the plain call; the default still refuses it."""
+    import lpcam_core.maps as maps_module
+
+    g = torch.Generator().manual_seed(3)
+    bank = PrototypeBank({0: torch.rand(3, 8, generator=g), 2: torch.rand(2, 8, generator=g)},
+                         {0: torch.rand(2, 8, generator=g), 2: torch.rand(2, 8, generator=g)}, {"num_classes": 4})
+    x = torch.rand(2, 8, 5, 6, generator=g)
+    plain = lpcam_map(x, bank, [0, 2])
+    maps_module._warned_missing.discard(3)
+    with caplog.at_level("WARNING", logger="lpcam_core.maps"):
+        got = lpcam_map(x, bank, [3, 0, 2], missing="zeros")
+        again = lpcam_map(x[0], bank, [2, 3], missing="zeros")
+    assert got.shape == (2, 3, 5, 6) and not got[:, 0].any()
+    assert torch.equal(got[:, 1:], plain) and not again[1].any()
+    assert torch.equal(again[0], lpcam_map(x[0], bank, [2])[0])  # same shapes, same arithmetic
+    assert len([r for r in caplog.records if "[3]" in r.getMessage()]) == 1
+    with pytest.raises(ValueError, match="no prototype"):
+        lpcam_map(x, bank, [3])
+    with pytest.raises(ValueError, match="missing='skip'"):
+        lpcam_map(x, bank, [0], missing="skip")
