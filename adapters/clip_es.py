@@ -109,8 +109,14 @@ class HostRun:
                 f"no {', '.join(missing)}); run that script, or set LPCAM=0 for pytorch_grad_cam as it is")
         self.args = main.args
         self.fg, self.bg = main.fg_text_features, main.bg_text_features
-        self.coco = int(self.fg.shape[0]) == 80
+        self.coco = self.is_coco(main)
         self.preprocess = main.img_ms_and_flip
+
+    @staticmethod
+    def is_coco(main: Any) -> bool:
+        """The COCO script (80 class prompts) rather than VOC's (20)."""
+        features = getattr(main, "fg_text_features", None)
+        return features is not None and int(features.shape[0]) == 80
 
     def proto_labels(self, proto_list: str) -> dict[str, list[int]]:
         """Prototype image id -> 0-based present classes (VOC: the Annotations XML; COCO: the list's columns)."""
@@ -200,15 +206,13 @@ class LPCAMGradCAM:
         self.model = model
         self.bank = None
         main = sys.modules.get("__main__")
-        self.settings = settings_for(coco=bool(getattr(main, "fg_text_features", None) is not None
-                                               and int(main.fg_text_features.shape[0]) == 80))
+        self.settings = settings_for(coco=HostRun.is_coco(main))
         if not self.settings.enabled:
             logger.info("LPCAM=0: CLIP-ES's own Grad-CAM")
             return
         self.run = HostRun(main)
         self.features_kind = self.settings.option("features")
         self._last: tuple[Any, Any, Any] | None = None
-        self._warned: set[int] = set()
         self.bank = self.ensure_bank()
         if self.settings.option("build") == "only":
             logger.info("LPCAM_BUILD=only: prototype bank ready; no maps generated")
@@ -222,7 +226,6 @@ class LPCAMGradCAM:
         """(map [1, h, w] float32 in [0, 1], softmax over the image's prompts [1, n], last attention [1, L, L])."""
         if self.bank is None:
             return self.gradcam(input_tensor, targets, target_size, *args, **kwargs)
-        import numpy as np
         import torch
         from pytorch_grad_cam.utils.image import scale_cam_image
 
@@ -236,14 +239,9 @@ class LPCAMGradCAM:
         if not classes:
             raise ValueError("lpcam_adapters.clip_es: the target's text feature is none of the class prompts")
         features, logits, attention = self.forward(tokens, text, height, width)
-        if classes[0] in self.bank.foreground:
-            cam = lpcam_map(features, self.bank, classes[:1]).cpu().numpy()  # [1, h, w] float32
-        else:  # no prototype for the class (absent from the prototype list, or no centre passed mu_f)
-            if classes[0] not in self._warned:
-                self._warned.add(classes[0])
-                logger.warning("class %d has no prototype in the bank: its LPCAM maps are all zero", classes[0])
-            cam = np.zeros((1, *features.shape[1:]), np.float32)
-        cam = scale_cam_image(cam.astype(np.float32), target_size)
+        # a class with no prototype (absent from the prototype list, or no centre passed mu_f): zeros, warned once
+        cam = lpcam_map(features, self.bank, classes[:1], missing="zeros").cpu().numpy()  # [1, h, w] float32
+        cam = scale_cam_image(cam, target_size)
         return cam, logits, attention
 
     def forward(self, tokens: Any, text: Any, height: int, width: int) -> tuple[Any, Any, Any]:
@@ -389,7 +387,7 @@ def try_clip_es(info: HostInfo, host_dir: str, out: str, *, images: int = 20, si
     """
     from lpcam_core.formats import write_voc_annotations
 
-    from .trial import RUNNER, percent, prepare_try, report
+    from .trial import percent, prepare_try, report
 
     if images < 2:
         raise ValueError(f"--images {images}: expected at least 2 (CLIP-ES reads its list with np.loadtxt)")
@@ -421,12 +419,8 @@ def try_clip_es(info: HostInfo, host_dir: str, out: str, *, images: int = 20, si
         with open(log, "w", encoding="utf-8") as log_file:
             for name, argv in steps:
                 report(f"    {shown} python {name} {' '.join(argv)}")
-                proc = subprocess.run([sys.executable, "-c", RUNNER, name, *argv], cwd=work, env={**env, **extra_env},
-                                      capture_output=True, text=True, timeout=timeout)
-                log_file.write(proc.stdout + proc.stderr)
-                if proc.returncode != 0:
-                    last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-                    report(f"    failed ({proc.returncode}): {last}\n    full log: {log}")
+                proc = setup.run(name, argv, extra_env, log_file, timeout)
+                if proc is None:
                     return 2
                 if name != info.entry_script:
                     scores.append(mean_iou(proc.stdout))

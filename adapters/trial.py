@@ -98,6 +98,22 @@ class TrySetup:
     work: Path
     env: dict[str, str]
 
+    def run(self, script: str, argv: list[str], extra_env: dict[str, str], log: Any,
+            timeout: float) -> subprocess.CompletedProcess | None:
+        """Run ``python <script> argv`` of the work folder through :data:`RUNNER` (CPU shims, seed), its output
+        appended to the open file ``log``; None, after one line saying why, when it failed."""
+        shown = " ".join(f"{k}={v}" for k, v in extra_env.items())
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", RUNNER, script, *argv], cwd=self.work, env={**self.env, **extra_env},
+                              capture_output=True, text=True, timeout=timeout)
+        log.write(f"$ {shown} python {script} {' '.join(argv)}\n{proc.stdout}{proc.stderr}\n")
+        log.flush()
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            report(f"    failed ({proc.returncode}) after {time.perf_counter() - start:.0f}s: {last}\n    full log: {log.name}")
+            return None
+        return proc
+
 
 def prepare_try(info: HostInfo, host_dir: str, out: str, *, images: int, size: int, seed: int,
                 marker: str | None = None) -> TrySetup:
@@ -181,27 +197,24 @@ def try_irn(info: HostInfo, host_dir: str, out: str, *, images: int = 20, size: 
         raise ValueError("AMN trains on the ir labels of cam_to_ir_label, which needs pydensecrf: "
                          "pip install 'lpcam[hosts]'")
     setup = prepare_try(info, host_dir, out, images=images, size=size, seed=seed)
-    out_dir, root, work, env = setup.out_dir, setup.root, setup.work, setup.env
+    out_dir, root, work = setup.out_dir, setup.root, setup.work
     if not crf:
         print("  cam_to_ir_label skipped: pydensecrf is not installed (pip install 'lpcam[hosts]')")
-    env.update(LPCAM_NO_PRETRAINED="1", LPCAM_WORKERS="0", LPCAM_DEVICE="cpu")
+    setup.env.update(LPCAM_NO_PRETRAINED="1", LPCAM_WORKERS="0", LPCAM_DEVICE="cpu")
     common, runs = irn_family_runs(info.name, root, epochs, crf)
     results = []
     for title, extra_env, flags in runs:
         argv = [*common, *flags]
-        cmd = [sys.executable, "-c", RUNNER, info.entry_script, *argv]
         shown = " ".join(f"{k}={v}" for k, v in {**extra_env, "LPCAM_NO_PRETRAINED": "1"}.items())
         print(f"\n  {title}, in {work}:\n    {shown} python {info.entry_script} {' '.join(argv)}")
         print(f"    (inside lpcam_adapters.cpu.cuda_as_cpu: {'; '.join(_shims())})")
         start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=work, env={**env, **extra_env}, capture_output=True, text=True, timeout=timeout)
-        seconds = time.perf_counter() - start
         log = out_dir / f"{'lpcam' if extra_env['LPCAM'] == '1' else 'own'}.log"
-        log.write_text(proc.stdout + proc.stderr)
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            print(f"    failed ({proc.returncode}) after {seconds:.0f}s: {last}\n    full log: {log}")
+        with open(log, "w", encoding="utf-8") as log_file:
+            proc = setup.run(info.entry_script, argv, extra_env, log_file, timeout)
+        if proc is None:
             return 2
+        seconds = time.perf_counter() - start
         results.append((title, host_miou(proc.stdout), seconds, log))
         print(f"    finished in {seconds:.0f}s; host's eval mIoU {percent(results[-1][1])}; log {log}")
     print(f"\n  files: everything the host wrote is under {work} (weights, CAM folders of both runs, the bank "
@@ -273,7 +286,7 @@ def try_mctformer(info: HostInfo, host_dir: str, out: str, *, images: int = 20, 
     plus = "class MCTformerPlus" in models_py
     model = model or ("deit_small_MCTformerPlus" if plus else "deit_small_MCTformerV2_patch16_224")
     setup = prepare_try(info, host_dir, out, images=images, size=size, seed=seed, marker=info.entry_script)
-    out_dir, root, work, env = setup.out_dir, setup.root, setup.work, setup.env
+    out_dir, root, work = setup.out_dir, setup.root, setup.work
     size_flags = ["--input-size", str(size)] if plus else []
     common = ["--model", model, "--img-list", "voc12", "--data-path", str(root), "--device", "cpu", "--num_workers", "0",
               *size_flags]
@@ -300,12 +313,8 @@ def try_mctformer(info: HostInfo, host_dir: str, out: str, *, images: int = 20, 
             report(f"\n  {title}, in {work} (inside lpcam_adapters.cpu.cuda_as_cpu):\n    {shown} python {name} "
                    f"{' '.join(argv)}")
             start = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-c", RUNNER, name, *argv], cwd=work, env={**env, **extra_env},
-                                  capture_output=True, text=True, timeout=timeout)
-            log_file.write(f"$ {shown} python {name} {' '.join(argv)}\n{proc.stdout}{proc.stderr}\n")
-            if proc.returncode != 0:
-                last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-                report(f"    failed ({proc.returncode}): {last}\n    full log: {log}")
+            proc = setup.run(name, argv, extra_env, log_file, timeout)
+            if proc is None:
                 return 2
             report(f"    finished in {time.perf_counter() - start:.0f}s")
             if name == "evaluation.py":

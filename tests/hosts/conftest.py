@@ -186,6 +186,18 @@ def compare_dirs(a: Path, b: Path, names: list[str]) -> None:
         assert np.array_equal(x["high_res"], y["high_res"]), f"{name}: high_res differs"
 
 
+def run_try(host: str, checkout: Path, out: Path, env: dict, *flags: str, timeout: int = 1800) -> tuple[str, list[str]]:
+    """``lpcam <host> try <checkout> --out <out> flags`` with ``env`` minus its LPCAM settings; asserts it finished
+    and printed its two result rows (LPCAM=0, LPCAM=1). Returns (stdout, those rows)."""
+    env = {k: v for k, v in env.items() if not k.startswith("LPCAM")}
+    proc = subprocess.run([sys.executable, "-m", "lpcam_core.cli", host, "try", str(checkout), "--out", str(out), *flags],
+                          cwd=out.parent, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.strip().startswith("| LPCAM=")]
+    assert len(rows) == 2, proc.stdout
+    return proc.stdout, rows
+
+
 class HostKit:
     """The helpers above, handed to the test modules as the ``hostkit`` fixture."""
 
@@ -196,6 +208,7 @@ class HostKit:
     host_env = staticmethod(host_env)
     run = staticmethod(run)
     run_python = staticmethod(run_python)
+    run_try = staticmethod(run_try)
     make_workdir = staticmethod(make_workdir)
     check_lpcam_maps = staticmethod(check_lpcam_maps)
     compare_dirs = staticmethod(compare_dirs)

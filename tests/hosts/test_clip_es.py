@@ -270,13 +270,8 @@ def test_host_checkout_stays_clean(runs, kit, hostkit):
 
 @pytest.mark.slow
 def test_try_runs_the_hosts_pipeline(host, tmp_path, hostkit):
-    proc = subprocess.run([sys.executable, "-m", "lpcam_core.cli", "clip-es", "try", str(host), "--out",
-                           str(tmp_path / "try"), "--images", "8", "--size", "64"],
-                          capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPYCACHEPREFIX":
-                                                                            str(tmp_path / "pyc")})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("  | LPCAM=")]
-    assert len(rows) == 2, proc.stdout
+    _, rows = hostkit.run_try("clip-es", host, tmp_path / "try", {**os.environ, "PYTHONPYCACHEPREFIX": str(tmp_path / "pyc")},
+                              "--images", "8", "--size", "64", timeout=900)
     for row in rows:
         seeds = row.split("|")[2].strip()
         assert seeds != "?" and 0 < float(seeds) <= 100, row

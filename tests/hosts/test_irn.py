@@ -348,12 +348,8 @@ def test_pipeline_benchmark_smoke(irn, tmp_path):
 def test_try_runs_the_readme_host_path(irn, tmp_path):
     """`lpcam irn try <checkout>`: the README's host path (patched run_sample.py, train_cam, make_cam, eval_cam,
     cam_to_ir_label) with LPCAM=0 and with the swap, offline on CPU; files and IRN's own mIoU printed."""
-    env = {k: v for k, v in irn["env"].items() if not k.startswith("LPCAM")}
-    proc = subprocess.run([sys.executable, "-m", "lpcam_core.cli", "irn", "try", str(irn["host"]), "--out",
-                           str(tmp_path / "try")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if line.strip().startswith("| LPCAM=")]
-    assert len(rows) == 2 and all(re.search(r"\| \d+\.\d \|", r) for r in rows), proc.stdout  # IRN's own mIoU
+    stdout, rows = irn["kit"].run_try("irn", irn["host"], tmp_path / "try", irn["env"])
+    assert all(re.search(r"\| \d+\.\d \|", r) for r in rows), stdout  # IRN's own mIoU
     work = tmp_path / "try" / "work"
     ids = (work / "voc12" / "train_aug.txt").read_text().split()
     for folder in ("cam_own", "cam", "cam_baseline"):

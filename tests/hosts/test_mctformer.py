@@ -463,18 +463,15 @@ def test_patched_main_runs_with_the_one_line(host, voc, tmp_path):
     assert (copy_dir / "main.py").read_text() == original_main
 
 
-def test_try_runs_the_hosts_pipeline(tmp_path):
+def test_try_runs_the_hosts_pipeline(tmp_path, hostkit):
     """`lpcam mctformer try <checkout>`: main.py trains from random weights, generates with LPCAM=0 and with the
     swap, evaluation.py scores both, on the CPU, offline; the checkout stays untouched."""
     root = _hosts_root()
     clone = root / "MCTformer"
     before = _git(clone, "status", "--porcelain")
-    proc = subprocess.run([sys.executable, "-m", "lpcam_core.cli", "mctformer", "try", str(clone), "--out",
-                           str(tmp_path / "try"), "--images", "8", "--size", "64", "--epochs", "1"],
-                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if line.strip().startswith("| LPCAM=")]
-    assert len(rows) == 2 and all(r.split("|")[2].strip() != "?" for r in rows), proc.stdout
+    stdout, rows = hostkit.run_try("mctformer", clone, tmp_path / "try", _env(), "--images", "8", "--size", "64",
+                                   "--epochs", "1")
+    assert all(r.split("|")[2].strip() != "?" for r in rows), stdout
     work = tmp_path / "try" / "work"
     assert (work / "sess" / "checkpoint.lpcam_bank.pt").is_file()
     own, swapped = sorted(os.listdir(work / "result" / "cam_npy_own")), sorted(os.listdir(work / "result" / "cam_npy_lpcam"))

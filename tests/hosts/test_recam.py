@@ -176,14 +176,9 @@ def test_try_runs_recams_pipeline(recam, tmp_path):
     """`lpcam recam try <checkout>`: train_cam, train_recam, make_recam, eval_cam, cam_to_ir_label with LPCAM=0,
     then the swapped make_recam with the same eval and next step, offline on the CPU; the checkout untouched."""
     import re
-    import subprocess
 
-    env = {k: v for k, v in recam["env"].items() if not k.startswith("LPCAM")}
-    proc = subprocess.run([sys.executable, "-m", "lpcam_core.cli", "recam", "try", str(recam["host"]), "--out",
-                           str(tmp_path / "try")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if line.strip().startswith("| LPCAM=")]
-    assert len(rows) == 2 and all(re.search(r"\| \d+\.\d \|", r) for r in rows), proc.stdout  # ReCAM's own mIoU
+    stdout, rows = recam["kit"].run_try("recam", recam["host"], tmp_path / "try", recam["env"])
+    assert all(re.search(r"\| \d+\.\d \|", r) for r in rows), stdout  # ReCAM's own mIoU
     ws = tmp_path / "try" / "work" / "ws"
     ids = (tmp_path / "try" / "work" / "voc12" / "train_aug.txt").read_text().split()
     for folder in ("cam_own", "cam"):
