@@ -230,11 +230,13 @@ class PrototypeBuilder:
             raise ValueError(f"PrototypeBuilder.add: cams must be [n, H, W], got {getattr(cams, 'shape', type(cams).__name__)}")
         if not cams.is_floating_point():
             raise TypeError(f"PrototypeBuilder.add: cams must be floating point maps in [0, 1], got {cams.dtype}")
-        if not bool(torch.isfinite(cams).all()):
-            raise ValueError("PrototypeBuilder.add: cams hold NaN or inf values")
-        if cams.numel() and not (float(cams.min()) >= -1e-4 and float(cams.max()) <= 1 + 1e-4):
-            raise ValueError(f"PrototypeBuilder.add: cams must be max-normalised maps in [0, 1] (tau is a share of the "
-                             f"maximum), got values in [{float(cams.min()):.3g}, {float(cams.max()):.3g}]")
+        if cams.numel():  # one reduction: min and max propagate NaN, and say the range
+            low, high = (float(v) for v in torch.aminmax(cams))
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise ValueError("PrototypeBuilder.add: cams hold NaN or inf values")
+            if not (low >= -1e-4 and high <= 1 + 1e-4):
+                raise ValueError(f"PrototypeBuilder.add: cams must be max-normalised maps in [0, 1] (tau is a share of "
+                                 f"the maximum), got values in [{low:.3g}, {high:.3g}]")
         keys = torch.as_tensor(np.asarray(keys) if not isinstance(keys, torch.Tensor) else keys).reshape(-1)
         if keys.is_floating_point() or keys.dtype == torch.bool:
             raise TypeError(f"PrototypeBuilder.add: keys must be integer class indices, got {keys.dtype}")
