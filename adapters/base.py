@@ -42,6 +42,7 @@ __all__ = [
     "swap_pass",
     "own_pass",
     "resolve_workers",
+    "warn_all_zero_maps",
 ]
 
 logger = logging.getLogger(__name__)
@@ -259,11 +260,17 @@ def write_lpcam(host: Host, bank: PrototypeBank, bank_path: str, data: Datasets,
                            record=host.maps_record("lpcam", bank_path), reads=reads, dataset=data.maps,
                            num_workers=data.loader_workers, desc=f"LPCAM -> {out_dir}")
     zeros, total = run.sum_over_ranks(zero)
-    if zeros and run.rank() == 0:
+    if run.rank() == 0:
+        warn_all_zero_maps(zeros, total)
+    return stats
+
+
+def warn_all_zero_maps(zeros: int, total: int) -> None:
+    """Say how many of the LPCAM maps a pass wrote are all zero (nothing when none is)."""
+    if zeros:
         logger.warning("%d of %d LPCAM maps written are all zero (a class with no prototype in the bank, or its context "
                        "prototypes as similar as its class prototypes everywhere): expected of a barely trained model, "
                        "not of a trained one", zeros, total)
-    return stats
 
 
 def write_baseline(host: Host, data: Datasets, out_dir: str, *, mode: str, reads: Sequence[str | None] = ()) -> Any:

@@ -56,7 +56,7 @@ from types import ModuleType
 from typing import Any
 
 from . import compat, hooks
-from .base import HostInfo
+from .base import HostInfo, warn_all_zero_maps
 from .lazy import LazyModule
 from .settings import HostSettings, Option, read_settings
 
@@ -810,11 +810,7 @@ def generate(original: Callable[..., Any], data_loader: Any, model: nn.Module, d
                 getattr(args, "attention_type", "fused"), settings.option("flip"), settings.option("head"))
     with swap(model, bank, flip=settings.option("flip")), _counting_zero_maps(original) as counts:
         result = original(data_loader, model, device, args)
-    zero, total = counts
-    if zero:
-        logger.warning("%d of %d LPCAM maps written are all zero (a class with no prototype in the bank, or its context "
-                       "prototypes as similar as its class prototypes everywhere): expected of a barely trained model, "
-                       "not of a trained one", zero, total)
+    warn_all_zero_maps(*counts)
     return result
 
 
