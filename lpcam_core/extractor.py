@@ -26,6 +26,7 @@ from .bank import PrototypeBank
 from .classifier import LinearScorer, equivalent_linear
 from .config import LPCAMConfig
 from .maps import cam_multiscale, lpcam_multiscale
+from .precision import backbone_autocast
 
 __all__ = ["LPCAM", "find_module"]
 
@@ -61,6 +62,10 @@ class LPCAM:
         num_prefix_tokens: ViT tokens to drop before reshaping (class/distillation tokens).
         reshape_transform: custom callable ``output -> [B, C, h, w]`` (overrides the default).
         eval_mode: put the model in eval mode inside the context (restored on exit).
+        amp: the backbone of the map passes (:meth:`record`, calling the extractor) under autocast
+            (:func:`lpcam_core.precision.backbone_autocast`: bfloat16 on the CPU, float16 on CUDA);
+            the similarities stay float32, :meth:`fit` and :meth:`cam` stay float32 (the bank does not
+            change). Off by default: docs/performance.md measures what it changes.
 
     The baseline CAM used to split the pools is ``ReLU(W f + b)`` from the same classifier, over
     ``config.scales`` with flips, max-normalised as the IRN family does.
@@ -77,6 +82,7 @@ class LPCAM:
         num_prefix_tokens: int = 0,
         reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         eval_mode: bool = True,
+        amp: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -94,6 +100,7 @@ class LPCAM:
         self.num_prefix_tokens = num_prefix_tokens
         self.reshape_transform = reshape_transform
         self.eval_mode = eval_mode
+        self.amp = bool(amp)
         self._handle = None
         self._training: list[tuple[nn.Module, bool]] = []
         self._captured: torch.Tensor | None = None
@@ -233,8 +240,9 @@ class LPCAM:
         if self.bank is None:
             raise RuntimeError("no prototype bank: call fit(loader) first or pass bank=")
         scales = tuple(scales) if scales is not None else self.config.scales
-        return lpcam_multiscale(self._views(image, scales), self.bank, list(keys), image.shape[-2:],
-                                eps=self.config.max_normalise_eps)
+        with backbone_autocast(image.device, self.amp):
+            views = self._views(image, scales)
+        return lpcam_multiscale(views, self.bank, list(keys), image.shape[-2:], eps=self.config.max_normalise_eps)
 
     def __call__(self, images: torch.Tensor, classes, *, scales: Sequence[float] | None = None) -> list[torch.Tensor]:
         """LPCAM maps at image resolution.

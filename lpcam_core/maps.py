@@ -5,7 +5,6 @@ Every similarity is computed in float32, with autocast disabled, whatever the in
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from .bank import PrototypeBank
 from .classifier import as_linear_weight
 from .config import short_repr
 from .finite import all_finite
+from .precision import float32_maths
 
 logger = logging.getLogger(__name__)
 
@@ -86,21 +86,6 @@ def _check_features(x: torch.Tensor, name: str, ndims: tuple[int, ...], channels
         raise ValueError(f"{name} holds NaN or inf values")
 
 
-@contextlib.contextmanager
-def _float32_maths(device: torch.device):
-    """No autocast and, on CUDA, no TF32 matmuls (a host's global TF32 setting would cost ~1e-3 of accuracy)."""
-    with torch.autocast(device_type=device.type, enabled=False):
-        if device.type != "cuda":
-            yield
-            return
-        previous = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(previous)
-
-
 def lpcam_map(fused: torch.Tensor, bank: PrototypeBank, classes, *, missing: str = "error") -> torch.Tensor:
     """LPCAM of ``classes`` on one feature map (step 5 of the method), all classes in one matmul.
 
@@ -139,7 +124,7 @@ def _lpcam_map_checked(x: torch.Tensor, bank: PrototypeBank, keys: list[int]) ->
     b, c, h, w = x.shape
     if not keys:  # no class requested (an image with no present class): an empty stack of maps
         return torch.zeros(b, 0, h, w, dtype=torch.float32, device=x.device)
-    with _float32_maths(x.device):
+    with float32_maths(x.device):
         directions, has_context = bank.directions(keys, x.device)
         flat = x.float().reshape(b, c, h * w)  # [B, C, hw]: channels stay the reduced, outer dim
         # cos(f, p) = (p/|p|) . f / max(|f|, 1e-8), as F.normalize / F.cosine_similarity (eps 1e-8); the mean

@@ -171,3 +171,34 @@ def test_hooks_removed_and_flags_restored_on_error():
         with LPCAM(model, "layer4", "fc"):
             1 / 0
     assert model.training and not model.layer4._forward_hooks
+
+
+def test_amp_maps_are_the_bfloat16_backbone_then_float32_maths():
+    """``amp=True``: the map pass's backbone under bfloat16 autocast (CPU), the similarities in float32 on the
+    features it gave; fit is unchanged (the same bank); maps close to the exact ones."""
+    model = _resnet()
+    images, labels = _data(4, 64)
+    scales = (1.0, 0.5)
+    cfg = CFG.replace(scales=scales)
+    with LPCAM(model, "layer4", "fc", config=cfg) as lp:
+        exact_bank = lp.fit([(images, labels)], progress=False)
+        exact = lp.record(images[0], [0, 1])
+    with LPCAM(model, "layer4", "fc", config=cfg, amp=True) as lp:
+        amp_bank = lp.fit([(images, labels)], progress=False)
+        got = lp.record(images[0], [0, 1])
+    for c in exact_bank.classes:
+        assert torch.equal(exact_bank.foreground[c], amp_bank.foreground[c])
+    # By hand: bfloat16 features of (image, flip) per scale, then the core's float32 maps.
+    model.eval()
+    trunk = nn.Sequential(*list(model.children())[:-2])
+    views = []
+    for s in scales:
+        x = images[:1] if s == 1.0 else torch.nn.functional.interpolate(images[:1], scale_factor=s, mode="bilinear",
+                                                                          align_corners=False)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            views.append(trunk(torch.cat([x, x.flip(-1)])))
+    assert views[0].dtype == torch.bfloat16
+    want = lpcam_multiscale([v.float() for v in views], amp_bank, [0, 1], (64, 64))
+    assert got["high_res"].dtype == exact["high_res"].dtype == want["high_res"].dtype
+    assert abs(got["high_res"] - want["high_res"]).max() < 1e-5
+    assert 0 < abs(got["high_res"] - exact["high_res"]).max() < 0.1

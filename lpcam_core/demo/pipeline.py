@@ -364,11 +364,13 @@ def build_bank(model, split: SyntheticSplit, settings: DemoSettings, progress: b
 
 
 def compute_seeds(model, bank, split: SyntheticSplit, settings: DemoSettings,
-                  progress: bool = True) -> dict[str, list[dict]]:
+                  progress: bool = True, amp: bool = False) -> dict[str, list[dict]]:
     """CAM, LPCAM without context and LPCAM seeds of ``split`` (``settings.scales`` x flips).
 
     Features come from the :class:`~lpcam_core.LPCAM` extractor's hook, once per view; the three
-    maps are computed from the same features (``cam_multiscale`` and ``lpcam_multiscale``).
+    maps are computed from the same features (``cam_multiscale`` and ``lpcam_multiscale``), in
+    float32. ``amp``: the network's forward under autocast
+    (:func:`lpcam_core.precision.backbone_autocast`), as ``--amp`` runs a host's maps pass.
 
     Returns:
         ``{method: [record]}``, one IRN-style record ``{keys, cam, high_res}`` per image, in
@@ -378,6 +380,7 @@ def compute_seeds(model, bank, split: SyntheticSplit, settings: DemoSettings,
     import torch.nn.functional as F
 
     from ..maps import cam_multiscale, lpcam_multiscale
+    from ..precision import backbone_autocast
 
     weight = model.classifier.weight.detach()[:, :, 0, 0]
     no_context = bank.without_context()
@@ -395,7 +398,8 @@ def compute_seeds(model, bank, split: SyntheticSplit, settings: DemoSettings,
                 if s != 1.0:
                     hw = [max(1, round(v * s)) for v in size]
                     xs = F.interpolate(x, size=hw, mode="bilinear", align_corners=False)
-                pair = lp.features(torch.cat([xs, xs.flip(-1)]))
+                with backbone_autocast(xs.device, amp):
+                    pair = lp.features(torch.cat([xs, xs.flip(-1)]))
                 per_scale.append(torch.stack([pair[: len(x)], pair[len(x):]], dim=1))  # [B, 2, C, h, w]
             for j in range(len(x)):
                 keys = np.nonzero(split.labels[start + j])[0].tolist()
