@@ -102,6 +102,7 @@ OPTIONS = (
            "lpcam_bank_amn.pt)", yaml_keys=("bank",)),
     Option("baseline_dir", "LPCAM_AMN_BASELINE_DIR", None, "AMN's own maps of the prototype list (default "
            "<amn_cam_out_dir>_baseline)"),
+    irn_family.AMP,
 )
 INFO = HostInfo(
     name="amn",
@@ -445,7 +446,8 @@ class AMNStageB(irn_family.IRNFamily):
         if kind == "baseline":
             return run.maps_record("amn", fingerprint, self.scales)
         return run.maps_record("amn_lpcam", fingerprint, self.scales, bank_path=bank_path,
-                               background=self.options["background"], features=self.options["features"])
+                               background=self.options["background"], features=self.options["features"],
+                               **self.precision_record())
 
     def prototype_baseline_dir(self, requested: str | None, bank_path: str) -> str | None:
         """AMN's own maps of the prototype list, needed only when they split the pools."""
@@ -517,6 +519,7 @@ def make_amn_cam_pass(args: Any, original_run: Callable[[Any], Any] | None, sett
                    device=settings.device)
         return
     host = _amn_host(args, settings)
+    host.amp = bool(settings.options.get("amp", False))
     proto_list = settings.proto_list or "voc12/train.txt"
     out = args.amn_cam_out_dir
     baseline_dir = (settings.option("baseline_dir") or os.path.normpath(out) + "_baseline"

@@ -238,7 +238,9 @@ def add_settings_flags(p: argparse.ArgumentParser, info: HostInfo) -> None:
     for option in info.options:
         if option.flag:
             kwargs: dict[str, Any] = {"help": option.doc}
-            if option.choices is not None:
+            if isinstance(option.default, bool):  # a switch: the bare flag turns it on
+                kwargs.update(action="store_const", const="1")
+            elif option.choices is not None:
                 kwargs["choices"] = option.choices
                 kwargs["type"] = type(option.choices[0])
             p.add_argument(option.flag, dest=f"opt_{option.name}", **kwargs)

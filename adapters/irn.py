@@ -32,6 +32,7 @@ INFO = HostInfo(
     module=__name__,
     entry_script="run_sample.py",
     signature=irn_family.SIGNATURE,
+    options=(irn_family.AMP,),
     foreign={"step/make_recam.py": "recam", "step/make_amn_cam.py": "amn"},
     env_docs={"LPCAM_BANK": "prototype bank file (default <dirname(cam_out_dir)>/lpcam_bank.pt)",
               "LPCAM_BASELINE_DIR": "baseline CAM directory (default <cam_out_dir>_baseline)",

@@ -34,13 +34,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import base, compat
-from .settings import HostSettings
+from .settings import HostSettings, Option, parse_switch
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
     "NUM_CLASSES",
+    "AMP",
     "SIGNATURE",
     "LPCAM_THRESHOLDS",
     "Spec",
@@ -64,6 +65,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 NUM_CLASSES = 20
+
+#: Mixed precision of the LPCAM maps pass (every IRN-family host declares it).
+AMP = Option("amp", "LPCAM_AMP", False, "1: the LPCAM maps pass's backbone under autocast (bfloat16 on the CPU, float16 "
+             "on CUDA); similarities, baselines and bank stay float32; default 0 (exact float32), see "
+             "docs/performance.md", parse=parse_switch, flag="--amp")
 #: What every IRN-family checkout holds (how ``lpcam irn patch`` tells it from another project).
 SIGNATURE = {"step/make_cam.py": "def _work", "voc12/dataloader.py": "class VOC12ClassificationDatasetMSF"}
 #: cam_eval, conf_fg, conf_bg, sem_seg_bg thresholds the paper uses downstream of LPCAM maps.
@@ -286,6 +292,9 @@ class IRNFamily:
         score_weight: [20, C] classifier scoring the prototypes (default ``feature_model``'s).
         extra_weight: ReCAM's ``W_recam`` [20, C, 1, 1]: baseline = ``forward2`` (None: ``forward``).
         meta: the bank's provenance (checked when it is reused).
+
+    Attribute ``amp`` (set from the :data:`AMP` setting, default False): the backbone of the LPCAM
+    maps pass under autocast; recorded with the maps, so a resumed run never mixes precisions.
     """
 
     num_classes = NUM_CLASSES
@@ -302,6 +311,7 @@ class IRNFamily:
         self.scales = [float(s) for s in scales]
         self.meta = dict(meta or {})
         self.device: Any = None
+        self.amp = False
 
     def to(self, device: torch.device) -> IRNFamily:
         self.cam_model.to(device)
@@ -390,9 +400,22 @@ class IRNFamily:
         return {"keys": valid_cat, "cam": strided_cam.cpu(), "high_res": highres_cam.cpu().numpy()}
 
     def multiscale_features(self, item: Mapping[str, Any], fn: Any = None) -> list[torch.Tensor]:
-        """Features [2, C, h, w] of (image, flip) at every scale of one MSF item."""
+        """Features [2, C, h, w] of (image, flip) at every scale of one MSF item: the two flips of a scale
+        are one forward of batch 2, as the host's own pass runs them (under autocast with ``amp``)."""
+        from lpcam_core.precision import backbone_autocast
+
         dev = self._dev()
-        return [(fn or self.features)(img.to(dev, non_blocking=True)) for img in msf_views(item["img"])]
+        with backbone_autocast(dev, self.amp):
+            return [(fn or self.features)(img.to(dev, non_blocking=True)) for img in msf_views(item["img"])]
+
+    def precision_record(self) -> dict[str, Any]:
+        """What the maps record says of the precision: ``{"amp": <dtype>}`` with ``amp``, else nothing
+        (so default float32 directories keep the records they always had)."""
+        if not self.amp:
+            return {}
+        from lpcam_core.precision import AMP_DTYPES
+
+        return {"amp": str(AMP_DTYPES.get(self._dev().type, "autocast")).replace("torch.", "")}
 
     def lpcam(self, item: Mapping[str, Any], bank: Any) -> dict[str, Any]:
         import torch
@@ -413,7 +436,8 @@ class IRNFamily:
 
         if kind == "baseline":
             return run.maps_record("baseline", run.model_fingerprint(self.cam_model, self.extra_weight), self.scales)
-        return run.maps_record(kind, run.model_fingerprint(self.feature_model), self.scales, bank_path=bank_path)
+        return run.maps_record(kind, run.model_fingerprint(self.feature_model), self.scales, bank_path=bank_path,
+                               **self.precision_record())
 
     def prototype_baseline_dir(self, requested: str | None, bank_path: str) -> str | None:
         """Where ``prototypes`` keeps the baselines of the prototype list: ``requested``, else ``<bank>_baseline``."""
@@ -499,6 +523,7 @@ def make_cam_pass(args: Any, spec: Spec, make_host: Any, original_run: Any, sett
         run.launch(own_job, make_host(args, settings), data, args.cam_out_dir, workers=nprocs, device=settings.device)
         return
     host = make_host(args, settings)
+    host.amp = bool(settings.options.get("amp", False))
     proto_list = settings.proto_list or "voc12/train.txt"
     baseline_dir = settings.baseline_dir or default_baseline_dir(args, tag)
     bank_path = settings.bank_path or default_bank_path(args, tag)
@@ -657,6 +682,7 @@ def cmd_make(ns: Any) -> int:
     with in_host(ns.host):
         importlib.import_module(info.module).install()
         host = ns.plan(ns, settings)
+        host.amp = bool(settings.options.get("amp", False))
         if not ns.baseline:  # fail early on a bank of another checkpoint or host setting
             host.check_bank(PrototypeBank.load(_abs(ns.bank), num_classes=host.num_classes), ns.bank)
         data = voc_datasets(_list_path(ns.list), None, ns.voc12_root, ns.scales, loader_workers=ns.loader_workers)

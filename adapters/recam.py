@@ -36,6 +36,7 @@ OPTIONS = (
            "(W_recam * W_cls)", choices=("cls", "recam"), flag="--classifier"),
     Option("backbone", "LPCAM_BACKBONE", "recam", "backbone giving the features: recam (default) or cam "
            "(res50_cam weights)", choices=("recam", "cam"), flag="--backbone"),
+    irn_family.AMP,
 )
 INFO = HostInfo(
     name="recam",

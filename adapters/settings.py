@@ -26,6 +26,7 @@ __all__ = [
     "HostSettings",
     "parse_bool",
     "parse_number",
+    "parse_switch",
     "read_settings",
     "env_docs",
     "COMMON_ENV",
@@ -82,6 +83,17 @@ def parse_bool(value: Any, name: str) -> bool:
     if text in FALSE:
         return False
     raise ValueError(f"{name}={short_repr(value)}: expected 1/0, true/false, on/off")
+
+
+def parse_switch(value: Any) -> bool:
+    """An :class:`Option`'s on/off value (``1/0, true/false, on/off, yes/no`` or a bool); the error names no
+    variable (:meth:`Option.value` puts it in front)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE or text in FALSE:
+        return text in TRUE
+    raise ValueError("expected 1/0, true/false, on/off")
 
 
 def parse_number(value: Any, kind: type, name: str) -> Any:

@@ -561,3 +561,57 @@ def test_all_zero_maps_and_untrained_banks_are_warned_about(mini, tmp_path, capl
                                     {}, fingerprint=host.baseline_fingerprint())
     assert all(len(p) == 1 for p in built.foreground.values())
     assert "every class kept a single class prototype" in caplog.text
+
+
+def test_amp_changes_only_the_maps_pass_and_is_recorded(mini, tmp_path):
+    """``LPCAM_AMP`` / ``--amp``: the maps pass's backbone under autocast (bfloat16 on the CPU), the maps still
+    float32 and close to the exact ones; the bank and the baselines untouched; a resumed run never mixes the two."""
+    from lpcam_core import PrototypeBank
+
+    model = mini.MiniCAM().eval()
+    exact, amp = host_of(model), host_of(model)
+    amp.amp = True
+    data = proto_data(mini.MiniMSF(), mini.MiniSingle())
+    cfg = LPCAMConfig.preset("voc", num_clusters=2, context_low=0.0, fallback_best_center=True)
+    banks = {}
+    for name, host in (("exact", exact), ("amp", amp)):
+        base.fill_baselines(host, data, str(tmp_path / f"base_{name}"), host.baseline_fingerprint())
+        banks[name] = base.prototype_bank(host, data, str(tmp_path / f"base_{name}"), str(tmp_path / f"{name}.pt"),
+                                          HostSettings(lpcam=cfg), {})
+    for k in banks["exact"].foreground:  # the prototype stage stays float32
+        assert torch.equal(banks["exact"].foreground[k], banks["amp"].foreground[k])
+    names = [it["name"] for it in mini.MiniMSF().items]
+    for n in names:
+        assert load(tmp_path / "base_exact" / f"{n}.npy")["high_res"].tobytes() == \
+            load(tmp_path / "base_amp" / f"{n}.npy")["high_res"].tobytes()
+    bank_path = str(tmp_path / "exact.pt")
+    bank = PrototypeBank.load(bank_path)
+    for name, host in (("exact", exact), ("amp", amp)):
+        base.write_lpcam(host, bank, bank_path, maps_data(mini.MiniMSF()), str(tmp_path / f"maps_{name}"), mode="resume")
+    diffs = []
+    for n in names:
+        a, b = load(tmp_path / "maps_exact" / f"{n}.npy"), load(tmp_path / "maps_amp" / f"{n}.npy")
+        assert b["high_res"].dtype == np.float32 and b["cam"].dtype == torch.float32
+        diffs.append(float(np.abs(a["high_res"] - b["high_res"]).max()))
+    assert 0 < max(diffs) < 0.1, diffs  # bfloat16 features: changed, but a few percent of the [0, 1] range at most
+    assert run.read_record(tmp_path / "maps_amp" / run.MAPS_RECORD)["amp"] == "bfloat16"
+    assert "amp" not in run.read_record(tmp_path / "maps_exact" / run.MAPS_RECORD)
+    with pytest.raises(ValueError, match=r"maps made by another amp"):
+        base.write_lpcam(exact, bank, bank_path, maps_data(mini.MiniMSF()), str(tmp_path / "maps_amp"), mode="resume")
+
+
+def test_amp_setting_and_flag():
+    from lpcam_adapters import irn, recam
+
+    for info in (irn.INFO, recam.INFO):
+        assert read_settings(info.options, {}).option("amp") is False
+        assert read_settings(info.options, {"LPCAM_AMP": "on"}).option("amp") is True
+        with pytest.raises(ValueError, match=r"LPCAM_AMP='maybe': expected 1/0"):
+            read_settings(info.options, {"LPCAM_AMP": "maybe"})
+    from lpcam_core import cli as core_cli
+
+    parser = core_cli.build_parser(["irn"])
+    ns = parser.parse_args(["irn", "make", "--host", "h", "--voc12-root", "v", "--weights", "w", "--out", "o", "--amp"])
+    assert cli.settings_env(ns, irn.INFO)["LPCAM_AMP"] == "1"
+    ns = parser.parse_args(["irn", "make", "--host", "h", "--voc12-root", "v", "--weights", "w", "--out", "o"])
+    assert "LPCAM_AMP" not in cli.settings_env(ns, irn.INFO)
