@@ -8,7 +8,9 @@ each in its own process so that peak memory is its own:
   the prototype stage (baseline CAM + pooled features of the same backbone pass + K-means), the maps
   stage (LPCAM maps); the host's pass and lpcam's baseline pass run again in this process, before and
   after the others, and are averaged, so the time ratios compare runs of one process (the host's own
-  process gives its peak memory);
+  process gives its peak memory); with ``--amp`` the maps stage runs a second time with the backbone
+  under autocast (``LPCAM_AMP``: bfloat16 on the CPU, float16 on CUDA) and its largest difference from
+  the float32 maps is reported;
 * **release**: zhaozhengChen/LPCAM's ``step/make_cam.py`` then ``step/make_lpcam.py`` (feature cache,
   kmeans-pytorch, per-prototype maps), unmodified, on CPU with :func:`lpcam_adapters.cpu.cuda_as_cpu`
   and kmeans-pytorch told to use the CPU; skipped with a message when the clone or kmeans-pytorch
@@ -24,6 +26,7 @@ Examples::
     python benchmarks/pipeline.py --host .hosts/irn --release .hosts/LPCAM          # CPU, 20 images
     python benchmarks/pipeline.py --host irn --release LPCAM --images 100 --device cuda
     python benchmarks/pipeline.py --host .hosts/irn --smoke                           # seconds
+    python benchmarks/pipeline.py --host .hosts/irn --smoke --amp                     # + the --amp maps
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def prepare(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         release = prepare_workdir(args.release, out / "release_work", cls_labels=voc / "cls_labels.npy", lists=lists)
     return {"voc": str(voc), "ids": ids, "work": str(work), "release": str(release) if release else None,
             "checkpoint": str(out / "res50_cam.pth"), "device": args.device, "threads": args.threads,
-            "seed": args.seed, "out": str(out)}
+            "seed": args.seed, "out": str(out), "amp": args.amp}
 
 
 # --------------------------------------------------------------------------- stages (each in its own process)
@@ -225,11 +228,27 @@ def stage_lpcam(job: dict[str, Any]) -> dict[str, Any]:
         device=device, fingerprint=host.baseline_fingerprint()))
     timed("maps", lambda: base.write_lpcam(host, bank, str(out / "lpcam_bank.pt"), data, str(out / "lpcam_maps"),
                                             mode="overwrite"))
+    amp_diff = None
+    if job.get("amp"):
+        host.amp = True
+        timed("maps_amp", lambda: base.write_lpcam(host, bank, str(out / "lpcam_bank.pt"), data,
+                                                    str(out / "lpcam_maps_amp"), mode="overwrite"))
+        host.amp = False
+        amp_diff = max(float(abs(load(out / "lpcam_maps" / f"{i}.npy")["high_res"]
+                                 - load(out / "lpcam_maps_amp" / f"{i}.npy")["high_res"]).max(initial=0.0))
+                       for i in job["ids"])
     timed("cam_b", lambda: base.write_baseline(host, data, str(out / "lpcam_cam_b"), mode="overwrite"))
     timed("host_b", lambda: host_pass("host_cam_b"))
-    return {**times, "cam": (times["cam_a"] + times["cam_b"]) / 2, "host": (times["host_a"] + times["host_b"]) / 2,
+    return {**times, "amp_max_abs_diff": amp_diff, "cam": (times["cam_a"] + times["cam_b"]) / 2, "host": (times["host_a"] + times["host_b"]) / 2,
             "rss": rss_mib(),
             "work_mib": rss_mib() - base_rss, "gpu_mib": _gpu_peak(), "prototypes": sum(len(v) for v in bank.foreground.values())}
+
+
+def load(path: Path) -> dict[str, Any]:
+    """An IRN-format map file."""
+    import numpy as np
+
+    return np.load(path, allow_pickle=True).item()
 
 
 def stage_release(job: dict[str, Any]) -> dict[str, Any]:
@@ -358,6 +377,8 @@ def table(res: dict[str, Any], job: dict[str, Any]) -> tuple[str, dict[str, floa
         ("prototype stage (features + K-means)", "-", f"{lp['bank']:.1f} (CAM included)",
          f"{rel['features'] + rel['cluster']:.1f} (+ CAM above)" if rel else "-"),
         ("maps stage", "-", f"{lp['maps']:.1f}", f"{rel['maps']:.1f}" if rel else "-"),
+        *([("maps stage with --amp", "-", f"{lp['maps_amp']:.1f} (max abs diff {lp['amp_max_abs_diff']:.1e})", "-")]
+          if "maps_amp" in lp else []),
         ("whole pipeline", f"{lp['host']:.1f}", f"{lp_total:.1f}",
          f"{rel['cam'] + rel['features'] + rel['cluster'] + rel['maps']:.1f}" if rel else "-"),
         ("backbone passes per image", "8", "8 + 8", "8 + 1 + 8" if rel else "-"),
@@ -375,6 +396,9 @@ def table(res: dict[str, Any], job: dict[str, Any]) -> tuple[str, dict[str, floa
         "lpcam maps stage / host's CAM pass": lp["maps"] / lp["host"],
         "lpcam pipeline / host's CAM pass": lp_total / lp["host"],
     }
+    if "maps_amp" in lp:
+        ratios["maps stage --amp / maps stage float32"] = lp["maps_amp"] / lp["maps"]
+        ratios["maps stage --amp / host's CAM pass"] = lp["maps_amp"] / lp["host"]
     if rel:
         rel_total = rel["cam"] + rel["features"] + rel["cluster"] + rel["maps"]
         ratios["lpcam pipeline / release pipeline"] = lp_total / rel_total
@@ -410,6 +434,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", help="also write the results and ratios to this JSON file")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per stage (default 3600)")
     p.add_argument("--smoke", action="store_true", help="20 images of 64x48: checks the plumbing in seconds")
+    p.add_argument("--amp", action="store_true",
+                   help="also time the maps stage with the backbone under autocast and report its largest difference")
     p.add_argument("--_stage", help=argparse.SUPPRESS)
     p.add_argument("--_job", help=argparse.SUPPRESS)
     p.add_argument("--_result", help=argparse.SUPPRESS)

@@ -17,6 +17,11 @@ Examples::
     python benchmarks/synthetic.py --seed 0 1 2 3 --json seeds.json
     python benchmarks/synthetic.py --seed 0 --num-classes 10 --tau 0.2 --k 8
     python benchmarks/synthetic.py --seed 0 --sharing 1.0        # identical bodies: no gain expected
+    python benchmarks/synthetic.py --seed 0 --amp      # also the seeds with the backbone under autocast
+
+``--amp`` scores the seeds a second time from the same network and bank with the network's forward
+under autocast (bfloat16 on the CPU, float16 on CUDA; the maps' maths stay float32), as ``--amp``
+runs a host's maps pass, and reports both rows and the largest difference of the maps.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cache of generated datasets (one folder per parameter set)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--amp", action="store_true",
+                   help="also score the seeds with the network under autocast (same network and bank)")
     g = p.add_argument_group("generator (lpcam_core.demo.synthetic.SyntheticConfig)")
     g.add_argument("--num-classes", type=int, default=None)
     g.add_argument("--num-images", type=int, default=None, help="train + val images (default: max(1200, 200 per class))")
@@ -143,6 +150,38 @@ def markdown(runs: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def amp_effect(result: dict[str, Any], settings: Any, progress: bool) -> dict[str, Any]:
+    """The seeds of ``result``'s network and bank recomputed with the backbone under autocast: each
+    method's scores and the largest absolute difference of its maps from the float32 ones."""
+    import numpy as np
+
+    from lpcam_core.demo import compute_seeds, evaluate_seeds, inference_model
+
+    art = result["artifacts"]
+    val = art["val"]
+    seeds = compute_seeds(inference_model(art["model"]), art["bank"], val, settings, progress, amp=True)
+    scores = evaluate_seeds(seeds, val.masks, settings.data.num_classes, settings, val.parts)
+    out: dict[str, Any] = {}
+    for key in METHODS:
+        diff = max((float(np.abs(a["high_res"] - b["high_res"]).max()) for a, b in zip(art["seeds"][key], seeds[key])
+                    if a["high_res"].size), default=0.0)
+        out[key] = {**{s: scores[key][s] for s in ("miou", "precision", "recall", "threshold")}, "max_abs_diff": diff}
+    return out
+
+
+def amp_markdown(runs: list[dict[str, Any]]) -> str:
+    """Per seed and method: mIoU float32 / with --amp, and the largest map difference."""
+    lines = ["| seed | method | mIoU float32 | mIoU --amp | precision | recall | max abs diff of the maps |",
+             "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        for key, label in METHODS.items():
+            a = run["amp"][key]
+            lines.append(f"| {run['settings']['seed']} | {label} | {run[key]['miou']:.2f} | {a['miou']:.2f} | "
+                         f"{run[key]['precision']:.1f} -> {a['precision']:.1f} | {run[key]['recall']:.1f} -> "
+                         f"{a['recall']:.1f} | {a['max_abs_diff']:.2e} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -151,12 +190,21 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seed:
         settings = demo_settings(seed, **overrides)
         start = time.perf_counter()
-        result = run_pipeline(settings, _data_dir(args.data_root, settings.data.to_dict()), progress=not args.quiet)
+        result = run_pipeline(settings, _data_dir(args.data_root, settings.data.to_dict()), progress=not args.quiet,
+                              keep=args.amp)
         result["timings"]["total"] = time.perf_counter() - start
+        if args.amp:
+            t0 = time.perf_counter()
+            result["amp"] = amp_effect(result, settings, not args.quiet)
+            result["timings"]["seeds_amp"] = time.perf_counter() - t0
+            result.pop("artifacts")
         runs.append(result)
         print(f"seed {seed} ({result['timings']['total']:.0f} s)\n{format_table(result)}\n", file=sys.stderr)
     summary = _summary(runs)
     print(markdown(runs, summary))
+    if args.amp:
+        print("\nWith --amp (backbone under autocast, maps' maths float32; same network and bank):\n")
+        print(amp_markdown(runs))
     if args.json is not None:
         payload = {key: summary[key] for key in METHODS}
         payload["lpcam_minus_cam"] = summary["lpcam_minus_cam"]

@@ -42,3 +42,16 @@ def test_json_holds_the_three_rows_the_settings_and_every_seed(tmp_path, capsys)
     assert abs(payload["lpcam"]["miou"] - mean) < 1e-9
     printed = capsys.readouterr().out
     assert "| 1 | LPCAM |" in printed and "seed 1: LPCAM - CAM" in printed
+
+
+def test_amp_rows_come_from_the_same_network_and_bank(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert bench.main(["--seed", "0", "--json", str(out), "--data-root", str(tmp_path / "data"), "--amp", *TINY]) == 0
+    run = json.loads(out.read_text())["runs"][0]
+    assert "artifacts" not in run
+    for key in ("cam", "lpcam_no_context", "lpcam"):
+        amp = run["amp"][key]
+        assert 0 < amp["max_abs_diff"] < 0.2, (key, amp)  # bfloat16 features: changed, not another network
+        assert abs(amp["miou"] - run[key]["miou"]) < 10
+    printed = capsys.readouterr().out
+    assert "With --amp" in printed and "| 0 | LPCAM |" in printed

@@ -329,19 +329,22 @@ def test_pipeline_benchmark_smoke(irn, tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     release = os.path.join(os.environ["LPCAM_HOSTS"], "LPCAM")
     cmd = [sys.executable, os.path.join(root, "benchmarks", "pipeline.py"), "--host", str(irn["host"]), "--smoke",
-           "--json", str(tmp_path / "pipeline.json")]
+           "--amp", "--json", str(tmp_path / "pipeline.json")]
     if os.path.isdir(release):
         cmd += ["--release", release]
     proc = subprocess.run(cmd, cwd=tmp_path, env=irn["env"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for row in ("baseline CAM pass", "prototype stage", "maps stage", "whole pipeline", "backbone passes per image",
-                "maps stage / lpcam baseline CAM pass", "lpcam pipeline / host's CAM pass"):
+                "maps stage / lpcam baseline CAM pass", "lpcam pipeline / host's CAM pass", "maps stage with --amp",
+                "maps stage --amp / maps stage float32"):
         assert row in proc.stdout, proc.stdout
     import json
 
     result = json.loads((tmp_path / "pipeline.json").read_text())
     lp = result["results"]["lpcam"]
-    assert lp["prototypes"] > 0 and all(lp[k] > 0 for k in ("cam_a", "bank", "maps", "cam_b", "host_a", "host_b"))
+    assert lp["prototypes"] > 0 and all(lp[k] > 0 for k in ("cam_a", "bank", "maps", "maps_amp", "cam_b", "host_a",
+                                                            "host_b"))
+    assert 0 < lp["amp_max_abs_diff"] < 0.5  # the --amp maps differ from the float32 ones, as bfloat16 features do
 
 
 @pytest.mark.slow  # trains IRN's ResNet-50 for one epoch on 20 tiny images, then both passes: about 3 minutes
