@@ -300,8 +300,3 @@ def swap_pass(ctx: Any, host: Host, data: Datasets, settings: HostSettings, *, b
 def own_pass(ctx: Any, host: Host, data: Datasets, out_dir: str) -> None:
     """The host's own CAM maps computed by lpcam's loop (every file rewritten, recorded)."""
     write_baseline(host.to(ctx.device), data, out_dir, mode="overwrite")
-
-
-def default_path(path: str | None, fallback: str) -> str:
-    """``path`` (absolute), else ``fallback``."""
-    return os.path.abspath(path) if path else fallback
