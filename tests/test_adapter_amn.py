@@ -562,3 +562,25 @@ def test_cli_commands_parse(amn, capsys):
     ns = parser.parse_args(["amn", "--explain"])
     assert ns.func(ns) == 0
     assert "LPCAM_AMN_SPLIT" in capsys.readouterr().out
+
+
+def test_amp_record_is_the_core_map_of_the_autocast_features(amn):
+    """``LPCAM_AMP=1`` in AMN's stage (b): the label-conditioned features under bfloat16 autocast, the core's
+    float32 maps on them, and the maps record says so (a resumed run never mixes precisions)."""
+    model = StandInAMN()
+    g = torch.Generator().manual_seed(1)
+    bank = PrototypeBank({1: torch.randn(2, 8, generator=g)}, {1: torch.randn(2, 8, generator=g)}, {"num_classes": 20})
+    label = labels_of(1)
+    views = [torch.randn(2, 3, s, s, generator=g) for s in (40, 24)]
+    item = {"img": views, "size": (37, 40), "label": label}
+    host = stage_b(amn, model)
+    host.amp = settings_of(amn, {"LPCAM_AMP": "1"}).option("amp")
+    with torch.no_grad():
+        rec = host.lpcam(item, bank)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            feats = [amn.amn_features(model, x, label) for x in views]
+    assert feats[0].dtype == torch.bfloat16
+    core = lpcam_multiscale([f.float() for f in feats], bank, [1], (37, 40))
+    np.testing.assert_allclose(rec["high_res"][1:], core["high_res"], atol=1e-6)
+    assert host.maps_record("lpcam", None)["amp"] == "bfloat16"
+    assert "amp" not in stage_b(amn, model).maps_record("lpcam", None)
