@@ -5,6 +5,7 @@ Run: ``LPCAM_HOSTS=/work/main/.hosts pytest -m hosts tests/hosts/test_irn.py``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -206,6 +207,11 @@ def test_bank_reused_then_rebuilt_when_settings_change(irn):
     assert "reusing the prototype bank" in again and "baseline CAMs written" not in again  # no baseline pass
     changed = run_sample(irn, *flags, **env, LPCAM_K="2")
     assert "rebuilding the prototype bank" in changed and "num_clusters" in changed
+    # LPCAM_AMP=1 through the import: the same bank serves it (the prototype stage stays float32); the
+    # maps directory is rewritten and records the precision
+    amp = run_sample(irn, *flags, **env, LPCAM_K="2", LPCAM_AMP="1")
+    assert "reusing the prototype bank" in amp and "3 written, 0 already complete, 3 ids" in amp
+    assert json.loads((irn["work"] / "result" / "cam_small" / "lpcam_maps.json").read_text())["amp"] == "bfloat16"
 
 
 def test_cli_prototypes_then_make(irn):
@@ -222,6 +228,17 @@ def test_cli_prototypes_then_make(irn):
     report = kit.check_lpcam_maps(work, irn["env"], adapter="irn", weights="sess/res50_cam.pth", bank="cli/bank.pt",
                                   out="cli/cam", root=irn["root"], image_list="voc12/small.txt")
     assert report["checked"] > 0 and report["worst"] < 1e-5, report
+    # --amp: the same bank, the maps pass's backbone under bfloat16 autocast; recorded, close, not equal
+    kit.run([*lpcam, "irn", "make", *common, "--list", "voc12/small.txt", "--bank", str(work / "cli" / "bank.pt"),
+             "--out", str(work / "cli" / "cam_amp"), "--amp"], work, env)
+    assert json.loads((work / "cli" / "cam_amp" / "lpcam_maps.json").read_text())["amp"] == "bfloat16"
+    assert "amp" not in json.loads((work / "cli" / "cam" / "lpcam_maps.json").read_text())
+    def high_res(folder: str, image_id: str) -> np.ndarray:
+        return np.load(work / "cli" / folder / f"{image_id}.npy", allow_pickle=True).item()["high_res"]
+
+    diffs = [float(np.abs(high_res("cam_amp", i) - high_res("cam", i)).max())
+             for i in (work / "voc12" / "small.txt").read_text().split()]
+    assert 0 < max(diffs) < 0.1, diffs
 
 
 def test_cli_never_writes_where_it_reads(irn, tmp_path):
@@ -338,8 +355,6 @@ def test_pipeline_benchmark_smoke(irn, tmp_path):
                 "maps stage / lpcam baseline CAM pass", "lpcam pipeline / host's CAM pass", "maps stage with --amp",
                 "maps stage --amp / maps stage float32"):
         assert row in proc.stdout, proc.stdout
-    import json
-
     result = json.loads((tmp_path / "pipeline.json").read_text())
     lp = result["results"]["lpcam"]
     assert lp["prototypes"] > 0 and all(lp[k] > 0 for k in ("cam_a", "bank", "maps", "maps_amp", "cam_b", "host_a",
