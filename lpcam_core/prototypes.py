@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .classifier import Scorer, as_scorer, check_class_index
 from .clustering import kmeans
 from .config import LPCAMConfig
+from .finite import all_finite
 from .pools import (
     POOL_SHARE_OF_BUDGET,
     TRIM_EVERY_IMAGES,
@@ -222,8 +223,9 @@ class PrototypeBuilder:
                              "(no channel or no position)")
         if features.shape[1] * features.shape[2] >= 2**POSITION_BITS:
             raise ValueError(f"PrototypeBuilder.add: feature grid {tuple(features.shape[1:])} has 2**32 positions or more")
-        if not bool(torch.isfinite(features).all()):
-            raise ValueError("PrototypeBuilder.add: features hold NaN or inf values")
+        if not all_finite(features):  # the pools keep float64 features as float32: beyond its range they become inf
+            raise ValueError("PrototypeBuilder.add: features hold NaN or inf values (or float64 values beyond "
+                             "float32's range, where the pools keep them)")
         if isinstance(cams, np.ndarray):
             cams = torch.from_numpy(cams)
         if not isinstance(cams, torch.Tensor) or cams.ndim != 3:

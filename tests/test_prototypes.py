@@ -363,6 +363,23 @@ def test_add_non_finite(builder, bad):
     assert builder.images_seen == 0 and not builder.pools
 
 
+def test_add_refuses_float64_features_beyond_float32_and_reads_channels_last(builder):
+    """The pools keep float64 features as float32: a value beyond its range would become inf there and poison
+    K-means, so it is refused at the door; channels-last features are checked like contiguous ones."""
+    feats = torch.rand(8, 3, 3, dtype=torch.float64)
+    feats[1, 0, 2] = 1e300
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        builder.add(feats, np.ones((1, 3, 3), np.float32), [0])
+    strided = torch.rand(1, 8, 3, 3).contiguous(memory_format=torch.channels_last)[0]
+    strided[5, 2, 1] = float("nan")
+    assert not strided.is_contiguous()
+    with pytest.raises(ValueError, match="features hold NaN or inf"):
+        builder.add(strided, np.ones((1, 3, 3), np.float32), [0])
+    assert builder.images_seen == 0 and not builder.pools
+    builder.add(torch.rand(8, 3, 3, dtype=torch.float64) * 1e30, np.ones((1, 3, 3), np.float32), [0])
+    assert builder.images_seen == 1
+
+
 def test_add_keys_mismatch_and_range(builder):
     with pytest.raises(ValueError, match="2 keys for 1 CAM maps"):
         builder.add(torch.rand(8, 3, 3), np.ones((1, 3, 3), np.float32), [0, 1])
