@@ -37,6 +37,19 @@ def _vit(num_classes: int = 4) -> nn.Module:
     )
 
 
+def _views_by_hand(model: nn.Module, image: torch.Tensor, scales) -> list[torch.Tensor]:
+    """Features [2, C, h, w] of (image [1, 3, H, W], flip) at each scale from the truncated resnet, in eval mode."""
+    model.eval()
+    trunk = nn.Sequential(*list(model.children())[:-2])
+    views = []
+    for s in scales:
+        x = image if s == 1.0 else torch.nn.functional.interpolate(image, scale_factor=s, mode="bilinear",
+                                                                   align_corners=False)
+        with torch.no_grad():
+            views.append(trunk(torch.cat([x, x.flip(-1)])))
+    return views
+
+
 def _flags(model: nn.Module) -> list[bool]:
     return [m.training for m in model.modules()]
 
@@ -66,16 +79,7 @@ def test_resnet18_equals_core_functions():
         lp.fit([(images, labels)], progress=False)
         got = lp.record(images[0], [0, 1])
         bank = lp.bank
-    # The same maps by hand: features of (image, flip) at each scale from the truncated network.
-    model.eval()
-    trunk = nn.Sequential(*list(model.children())[:-2])
-    views = []
-    for s in scales:
-        x = images[:1] if s == 1.0 else torch.nn.functional.interpolate(images[:1], scale_factor=s, mode="bilinear",
-                                                                          align_corners=False)
-        with torch.no_grad():
-            views.append(trunk(torch.cat([x, x.flip(-1)])))
-    want = lpcam_multiscale(views, bank, [0, 1], (64, 64))
+    want = lpcam_multiscale(_views_by_hand(model, images[:1], scales), bank, [0, 1], (64, 64))
     assert torch.equal(got["keys"], want["keys"])
     torch.testing.assert_close(got["cam"], want["cam"])
     assert abs(got["high_res"] - want["high_res"]).max() < 1e-5
@@ -189,14 +193,8 @@ def test_amp_maps_are_the_bfloat16_backbone_then_float32_maths():
     for c in exact_bank.classes:
         assert torch.equal(exact_bank.foreground[c], amp_bank.foreground[c])
     # By hand: bfloat16 features of (image, flip) per scale, then the core's float32 maps.
-    model.eval()
-    trunk = nn.Sequential(*list(model.children())[:-2])
-    views = []
-    for s in scales:
-        x = images[:1] if s == 1.0 else torch.nn.functional.interpolate(images[:1], scale_factor=s, mode="bilinear",
-                                                                          align_corners=False)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            views.append(trunk(torch.cat([x, x.flip(-1)])))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        views = _views_by_hand(model, images[:1], scales)
     assert views[0].dtype == torch.bfloat16
     want = lpcam_multiscale([v.float() for v in views], amp_bank, [0, 1], (64, 64))
     assert got["high_res"].dtype == exact["high_res"].dtype == want["high_res"].dtype
