@@ -67,8 +67,8 @@ logger = logging.getLogger(__name__)
 NUM_CLASSES = 20
 
 #: Mixed precision of the LPCAM maps pass (every IRN-family host declares it).
-AMP = Option("amp", "LPCAM_AMP", False, "1: the LPCAM maps pass's backbone under autocast (bfloat16 on the CPU, float16 "
-             "on CUDA); similarities, baselines and bank stay float32; default 0 (exact float32), see "
+AMP = Option("amp", "LPCAM_AMP", False, "on: the backbone of the LPCAM maps pass under autocast (bfloat16 on the CPU, "
+             "float16 on CUDA); similarities, baselines and bank stay float32; default off (exact float32), see "
              "docs/performance.md", parse=parse_switch, flag="--amp")
 #: What every IRN-family checkout holds (how ``lpcam irn patch`` tells it from another project).
 SIGNATURE = {"step/make_cam.py": "def _work", "voc12/dataloader.py": "class VOC12ClassificationDatasetMSF"}
@@ -653,6 +653,8 @@ def cmd_prototypes(ns: Any) -> int:
     settings = cli_settings(ns, info)
     run.check_workers(settings.workers)
     bank = ns.bank
+    if settings.options.get("amp"):
+        logger.info("LPCAM_AMP / --amp changes the maps pass only: the prototype stage runs in float32")
     with in_host(ns.host):
         importlib.import_module(info.module).install()
         host = ns.plan(ns, settings)
