@@ -42,6 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 SCALES = (1.0, 0.5, 1.5, 2.0)  # IRN's cam_scales
 NUM_CLASSES = 20
@@ -285,6 +286,12 @@ def stage_release(job: dict[str, Any]) -> dict[str, Any]:
                 times[name] = time.perf_counter() - t0
         return timed
 
+    def in_process(fn: Any, args: tuple = (), nprocs: int = 1, join: bool = True, **kw: Any) -> None:
+        """The release's one process per GPU, run here: the shims above reach it (a spawned child would
+        import the release without them), on one device as lpcam's stage."""
+        for index in range(nprocs):
+            fn(index, *args)
+
     step.make_lpcam.kmeans = kmeans
     for name in ("save_feature", "load_feature_select_and_cluster", "make_lpcam"):
         setattr(step.make_lpcam, name, timing(name, getattr(step.make_lpcam, name)))
@@ -299,7 +306,7 @@ def stage_release(job: dict[str, Any]) -> dict[str, Any]:
     stdout, sys.stdout = sys.stdout, devnull
     lpcam_prototypes_for = []
     try:
-        with cuda_as_cpu():
+        with cuda_as_cpu(), mock.patch.object(torch.multiprocessing, "spawn", in_process):
             step.make_cam.run = timing("make_cam", step.make_cam.run)
             step.make_cam.run(ns)
             # step.make_lpcam.run(ns), call by call, so the workspace can be looked at between them
