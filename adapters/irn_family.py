@@ -402,11 +402,16 @@ class IRNFamily:
     def multiscale_features(self, item: Mapping[str, Any], fn: Any = None) -> list[torch.Tensor]:
         """Features [2, C, h, w] of (image, flip) at every scale of one MSF item: the two flips of a scale
         are one forward of batch 2, as the host's own pass runs them (under autocast with ``amp``)."""
+        from lpcam_core.finite import all_finite
         from lpcam_core.precision import backbone_autocast
 
         dev = self._dev()
         with backbone_autocast(dev, self.amp):
-            return [(fn or self.features)(img.to(dev, non_blocking=True)) for img in msf_views(item["img"])]
+            views = [(fn or self.features)(img.to(dev, non_blocking=True)) for img in msf_views(item["img"])]
+        if self.amp and not all(all_finite(v) for v in views):
+            raise ValueError(f"LPCAM_AMP / --amp: the features of {item.get('name', 'an image')} overflowed under "
+                             f"autocast ({views[0].dtype}: NaN or inf); run this network without --amp")
+        return views
 
     def precision_record(self) -> dict[str, Any]:
         """What the maps record says of the precision: ``{"amp": <dtype>}`` with ``amp``, else nothing

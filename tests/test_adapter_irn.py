@@ -615,3 +615,20 @@ def test_amp_setting_and_flag():
     assert cli.settings_env(ns, irn.INFO)["LPCAM_AMP"] == "1"
     ns = parser.parse_args(["irn", "make", "--host", "h", "--voc12-root", "v", "--weights", "w", "--out", "o"])
     assert "LPCAM_AMP" not in cli.settings_env(ns, irn.INFO)
+
+
+def test_amp_overflow_is_named(mini, monkeypatch):
+    """float16 (CUDA's autocast dtype, here forced on the CPU) overflows on large activations: the error says
+    --amp did it and names the image, instead of the map function's bare 'NaN or inf'."""
+    from lpcam_core import precision
+
+    model = mini.MiniCAM().eval()
+    with torch.no_grad():
+        model.stage4[0].weight.mul_(1e8)
+    host = host_of(model)
+    host.amp = True
+    item = mini.MiniMSF()[0]
+    assert all(torch.isfinite(v).all() for v in host_of(model).multiscale_features(item))  # fine in float32
+    monkeypatch.setitem(precision.AMP_DTYPES, "cpu", torch.float16)
+    with pytest.raises(ValueError, match=r"--amp: the features of 2007_000000 overflowed under autocast"):
+        host.multiscale_features(item)
