@@ -189,6 +189,7 @@ def stage_lpcam(job: dict[str, Any]) -> dict[str, Any]:
     from lpcam_adapters.irn_family import IRNFamily, voc_datasets
     from lpcam_adapters.settings import HostSettings
     from lpcam_core import LPCAMConfig
+    from lpcam_core.formats import load_irn_cam
 
     _enter(job, job["work"])
     device = torch.device(job["device"])
@@ -235,21 +236,14 @@ def stage_lpcam(job: dict[str, Any]) -> dict[str, Any]:
         timed("maps_amp", lambda: base.write_lpcam(host, bank, str(out / "lpcam_bank.pt"), data,
                                                     str(out / "lpcam_maps_amp"), mode="overwrite"))
         host.amp = False
-        amp_diff = max(float(abs(load(out / "lpcam_maps" / f"{i}.npy")["high_res"]
-                                 - load(out / "lpcam_maps_amp" / f"{i}.npy")["high_res"]).max(initial=0.0))
+        amp_diff = max(float(abs(load_irn_cam(out / "lpcam_maps" / f"{i}.npy")["high_res"]
+                                 - load_irn_cam(out / "lpcam_maps_amp" / f"{i}.npy")["high_res"]).max(initial=0.0))
                        for i in job["ids"])
     timed("cam_b", lambda: base.write_baseline(host, data, str(out / "lpcam_cam_b"), mode="overwrite"))
     timed("host_b", lambda: host_pass("host_cam_b"))
     return {**times, "amp_max_abs_diff": amp_diff, "cam": (times["cam_a"] + times["cam_b"]) / 2, "host": (times["host_a"] + times["host_b"]) / 2,
             "rss": rss_mib(),
             "work_mib": rss_mib() - base_rss, "gpu_mib": _gpu_peak(), "prototypes": sum(len(v) for v in bank.foreground.values())}
-
-
-def load(path: Path) -> dict[str, Any]:
-    """An IRN-format map file."""
-    import numpy as np
-
-    return np.load(path, allow_pickle=True).item()
 
 
 def stage_release(job: dict[str, Any]) -> dict[str, Any]:
