@@ -199,15 +199,15 @@ def try_irn(info: HostInfo, host_dir: str, out: str, *, images: int = 20, size: 
     setup = prepare_try(info, host_dir, out, images=images, size=size, seed=seed)
     out_dir, root, work = setup.out_dir, setup.root, setup.work
     if not crf:
-        print("  cam_to_ir_label skipped: pydensecrf is not installed (pip install 'lpcam[hosts]')")
+        report("  cam_to_ir_label skipped: pydensecrf is not installed (pip install 'lpcam[hosts]')")
     setup.env.update(LPCAM_NO_PRETRAINED="1", LPCAM_WORKERS="0", LPCAM_DEVICE="cpu")
     common, runs = irn_family_runs(info.name, root, epochs, crf)
     results = []
     for title, extra_env, flags in runs:
         argv = [*common, *flags]
         shown = " ".join(f"{k}={v}" for k, v in {**extra_env, "LPCAM_NO_PRETRAINED": "1"}.items())
-        print(f"\n  {title}, in {work}:\n    {shown} python {info.entry_script} {' '.join(argv)}")
-        print(f"    (inside lpcam_adapters.cpu.cuda_as_cpu: {'; '.join(_shims())})")
+        report(f"\n  {title}, in {work}:\n    {shown} python {info.entry_script} {' '.join(argv)}")
+        report(f"    (inside lpcam_adapters.cpu.cuda_as_cpu: {'; '.join(_shims())})")
         start = time.perf_counter()
         log = out_dir / f"{'lpcam' if extra_env['LPCAM'] == '1' else 'own'}.log"
         with open(log, "w", encoding="utf-8") as log_file:
@@ -216,13 +216,13 @@ def try_irn(info: HostInfo, host_dir: str, out: str, *, images: int = 20, size: 
             return 2
         seconds = time.perf_counter() - start
         results.append((title, host_miou(proc.stdout), seconds, log))
-        print(f"    finished in {seconds:.0f}s; host's eval mIoU {percent(results[-1][1])}; log {log}")
-    print(f"\n  files: everything the host wrote is under {work} (weights, CAM folders of both runs, the bank "
+        report(f"    finished in {seconds:.0f}s; host's eval mIoU {percent(results[-1][1])}; log {log}")
+    report(f"\n  files: everything the host wrote is under {work} (weights, CAM folders of both runs, the bank "
           "next to the LPCAM folder, its baseline CAMs of the prototype list)")
-    print("\n  | run | host's eval mIoU (%) | seconds |\n  |---|---:|---:|")
+    report("\n  | run | host's eval mIoU (%) | seconds |\n  |---|---:|---:|")
     for title, miou, seconds, _ in results:
-        print(f"  | {title} | {percent(miou)} | {seconds:.0f} |")
-    print("\n  A briefly trained model on synthetic images: these numbers check the plumbing, not LPCAM's gain. On VOC "
+        report(f"  | {title} | {percent(miou)} | {seconds:.0f} |")
+    report("\n  A briefly trained model on synthetic images: these numbers check the plumbing, not LPCAM's gain. On VOC "
           f"with a trained checkpoint and a GPU, run the same two commands in your checkout (docs/hosts/{info.name}.md).")
     return 0
 
