@@ -503,7 +503,7 @@ def make_amn_cam_pass(args: Any, original_run: Callable[[Any], Any] | None, sett
     from lpcam_core.logs import configure_logging
 
     configure_logging()
-    settings = settings if settings is not None else read_settings(OPTIONS, section="amn")
+    settings = settings if settings is not None else read_settings(OPTIONS, section="amn", host="amn")
     nprocs = base.resolve_workers(settings)
     loader_workers = max(0, int(getattr(args, "num_workers", 0) or 0)) // max(1, nprocs)
     if not (settings.enabled and "b" in settings.option("stages")):
@@ -541,7 +541,7 @@ def make_amn_cam_pass(args: Any, original_run: Callable[[Any], Any] | None, sett
 def _make_cam_run(original: Callable[[Any], Any], module: ModuleType) -> Callable[[Any], None]:
     def run(args: Any) -> None:
         """AMN's stage (a) (IRN's make_cam) with LPCAM maps, as lpcam_adapters.irn runs it."""
-        settings = read_settings(OPTIONS, section="amn")
+        settings = read_settings(OPTIONS, section="amn", host="amn")
         if "a" not in settings.option("stages"):
             settings = settings.replace(enabled=False)
         irn_family.make_cam_pass(args, SPEC_A, lambda a, s: irn_family.cam_host(a, SPEC_A), original, settings)
@@ -611,5 +611,5 @@ def register(subparsers: Any) -> None:
     add_host_group(subparsers, INFO, steps)
 
 
-read_settings(OPTIONS, section="amn")  # a malformed LPCAM_* variable fails here, at import, not hours later
+read_settings(OPTIONS, section="amn", host="amn")  # a malformed LPCAM_* variable fails here, at import, not hours later
 install()

@@ -282,7 +282,7 @@ def _cmd_group(ns: argparse.Namespace) -> int:
         return 2
     from .settings import read_settings
 
-    read_settings(ns.info.options, section=ns.info.section)  # the settings it would read: refused if malformed
+    read_settings(ns.info.options, section=ns.info.section, host=ns.info.name)  # the settings it would read: refused if malformed
     sys.stdout.write(explain_text(ns.info) + "\n")
     return 0
 

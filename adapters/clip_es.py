@@ -78,7 +78,7 @@ INFO = HostInfo(
 
 def settings_for(environ: Mapping[str, str] | None = None, *, coco: bool = False) -> HostSettings:
     """CLIP-ES's settings (VOC preset, or COCO's for the COCO script)."""
-    return read_settings(OPTIONS, environ, fallback_preset="coco" if coco else "voc")
+    return read_settings(OPTIONS, environ, fallback_preset="coco" if coco else "voc", host="clip-es")
 
 
 def clip_target(index: int) -> Any:

@@ -54,7 +54,7 @@ def _make_run(original: Callable[[Any], Any], module: ModuleType) -> Callable[[A
     def run(args: Any) -> None:
         """IRN's make_cam pass with LPCAM maps (see lpcam_adapters.irn)."""
         irn_family.make_cam_pass(args, SPEC, lambda a, s: irn_family.cam_host(a, SPEC), original,
-                                 read_settings(INFO.options))
+                                 read_settings(INFO.options, host="irn"))
 
     return run
 
@@ -81,5 +81,5 @@ def register(subparsers: Any) -> None:
     add_host_group(subparsers, INFO, steps)
 
 
-read_settings(INFO.options)  # a malformed LPCAM_* variable fails here, at import, not hours later
+read_settings(INFO.options, host="irn")  # a malformed LPCAM_* variable fails here, at import, not hours later
 install()

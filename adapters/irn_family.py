@@ -577,7 +577,7 @@ def cli_settings(ns: Any, info: base.HostInfo) -> HostSettings:
     from .cli import settings_env
     from .settings import read_settings
 
-    settings = read_settings(info.options, {**os.environ, **settings_env(ns, info)}, section=info.section)
+    settings = read_settings(info.options, {**os.environ, **settings_env(ns, info)}, section=info.section, host=info.name)
     changes: dict[str, Any] = {"enabled": True}
     for name in ("workers", "device", "baseline_dir"):
         if getattr(ns, name, None) is not None:

@@ -127,7 +127,7 @@ def settings_for(args: Any = None, environ: Mapping[str, str] | None = None) -> 
     """The run's settings: with no preset named, ``--data-set COCO*`` selects the coco preset; MCTformer's
     maps are min-max normalised, so the voc preset gets this host's own tau (:data:`DEFAULT_TAU`)."""
     coco = str(getattr(args, "data_set", "") or "").upper().startswith("COCO")
-    return read_settings(OPTIONS, environ, fallback_preset="coco" if coco else "voc",
+    return read_settings(OPTIONS, environ, fallback_preset="coco" if coco else "voc", host="mctformer",
                          preset_defaults={"voc": {"fg_threshold": DEFAULT_TAU}})
 
 

@@ -54,7 +54,7 @@ INFO = HostInfo(
 
 def recam_settings(environ: Any = None) -> HostSettings:
     """ReCAM's settings (:data:`OPTIONS` on top of the common ones), the backbone/classifier pair checked."""
-    settings = read_settings(OPTIONS, environ)
+    settings = read_settings(OPTIONS, environ, host="recam")
     if settings.option("backbone") == "cam" and settings.option("classifier") == "recam":
         raise ValueError("LPCAM_BACKBONE=cam needs LPCAM_CLASSIFIER=cls: W_recam belongs to the ReCAM backbone")
     return settings

@@ -11,7 +11,10 @@ Torch-free: the CLI reads the tables while building its parser.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import math
+import multiprocessing
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -30,7 +33,12 @@ __all__ = [
     "read_settings",
     "env_docs",
     "COMMON_ENV",
+    "OTHER_VARS",
+    "UNREAD_REPORTED",
+    "report_unread",
 ]
+
+logger = logging.getLogger(__name__)
 
 TRUE = frozenset({"1", "on", "true", "yes", "y", "t"})
 FALSE = frozenset({"0", "off", "false", "no", "n", "f", ""})
@@ -67,6 +75,12 @@ COMMON_ENV: dict[str, str] = {
     "LPCAM_NO_PRETRAINED": "1: host networks never download ImageNet weights (offline training)",
     "LPCAM_LOG_LEVEL": "log level of lpcam's messages in host runs (default INFO)",
 }
+
+#: ``LPCAM_*`` variables read outside the settings (the host test suite, try runs): never reported as unread.
+OTHER_VARS = frozenset({"LPCAM_HOSTS", "LPCAM_TRY_SEED"})
+
+#: The unread variables already reported in this process (each is reported once).
+UNREAD_REPORTED: set[str] = set()
 
 #: Keys of the YAML's ``adapter:`` section -> :class:`HostSettings` fields.
 _COMMON_KEYS = {"enabled": "enabled", "bank": "bank_path", "bank_path": "bank_path", "rebuild_bank": "rebuild_bank",
@@ -212,6 +226,7 @@ def read_settings(
     fallback_preset: str = "voc",
     preset_defaults: Mapping[str, Mapping[str, Any]] | None = None,
     common_section: str = "adapter",
+    host: str | None = None,
 ) -> HostSettings:
     """Fill :class:`HostSettings`: preset, then the ``LPCAM_CONFIG`` YAML, then the variables.
 
@@ -223,6 +238,8 @@ def read_settings(
         preset_defaults: ``{preset: {LPCAMConfig field: value}}`` the host puts under the file's keys
             (MCTformer's own tau).
         common_section: YAML section of the shared fields (``adapter``).
+        host: the host's name, for the warning about ``LPCAM_*`` variables it does not read
+            (:func:`report_unread`).
 
     Raises:
         FileNotFoundError: no such config file. ValueError: a malformed value or an unknown key, naming it.
@@ -230,6 +247,7 @@ def read_settings(
     from lpcam_core.config import LPCAMConfig
 
     env = dict(os.environ if environ is None else environ)
+    report_unread(env, options, host)
     path = env.get("LPCAM_CONFIG", "").strip()
     data = _read_yaml(path) if path else {}
     where = f"LPCAM_CONFIG={path}"
@@ -303,6 +321,28 @@ def read_settings(
             raw = option.value(env[option.env], option.env)
         values[option.name] = raw
     return HostSettings(lpcam=cfg, options=values, **{k: v for k, v in common.items() if k in _COMMON_KEYS.values()})
+
+
+def report_unread(environ: Mapping[str, str], options: Sequence[Option] = (), host: str | None = None) -> list[str]:
+    """Warn (once per process, from the main process) about set ``LPCAM_*`` variables these settings do not read.
+
+    A typo (``LPCAM_MUF`` for ``LPCAM_MU_F``) or another host's option (``LPCAM_AMP`` under MCTformer)
+    would otherwise change nothing, silently. Returns the variables reported by this call.
+    """
+    known = set(COMMON_ENV) | {var for var, _, _ in _CORE_VARS} | {o.env for o in options}
+    unread = sorted(var for var, value in environ.items() if var.startswith("LPCAM_") and str(value).strip()
+                    and var not in known and var not in OTHER_VARS and var not in UNREAD_REPORTED)
+    if not unread or multiprocessing.parent_process() is not None or os.environ.get("RANK", "0") != "0":
+        return []  # spawned workers and torchrun ranks > 0 read the same variables as the process that reported
+    for var in unread:
+        UNREAD_REPORTED.add(var)
+        close = difflib.get_close_matches(var[6:], sorted(k[6:] for k in known), n=1, cutoff=0.75)  # after LPCAM_
+        close = ["LPCAM_" + c for c in close]
+        logger.warning("%s is set but %s no such setting, so it changes nothing%s%s", var,
+                       f"{host} reads" if host else "these settings read",
+                       f" (did you mean {close[0]}?)" if close else " (a typo, or another host's setting?)",
+                       f"; `lpcam {host} --explain` lists what {host} reads" if host else "")
+    return unread
 
 
 def _check_device(device: str) -> None:

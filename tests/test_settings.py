@@ -106,3 +106,35 @@ def test_hosts_share_the_parsing(tmp_path):
     assert a.rebuild_bank and b.rebuild_bank and c.rebuild_bank and not (a.enabled or b.enabled or c.enabled)
     for info in (irn.INFO, amn.INFO, mctformer.INFO):
         assert set(hs.COMMON_ENV) <= set(hs.env_docs(info.options, **info.env_docs))
+
+
+def test_unread_variables_are_reported_once_with_the_likely_name(monkeypatch, caplog):
+    """A typo or another host's variable changes nothing: the run says so instead of ignoring it silently."""
+    monkeypatch.setattr(hs, "UNREAD_REPORTED", set())
+    env = {"LPCAM_MUF": "0.5", "LPCAM_AMN_STAGES": "b", "LPCAM_COLOUR": "blue", "LPCAM_HOSTS": "/x", "LPCAM_K": "4",
+           "LPCAM_BLANK": " "}
+    with caplog.at_level("WARNING", logger=hs.__name__):
+        s = hs.read_settings(OPTIONS, env, host="demo")
+    assert s.lpcam.class_threshold == LPCAMConfig.preset("voc").class_threshold  # the typo changed nothing
+    assert s.options["colour"] == "blue" and s.lpcam.num_clusters == 4
+    text = caplog.text
+    assert "LPCAM_MUF is set but demo reads no such setting" in text and "did you mean LPCAM_MU_F?" in text
+    assert "LPCAM_AMN_STAGES is set" in text and "another host's setting" in text and "lpcam demo --explain" in text
+    for read_or_allowed in ("LPCAM_COLOUR", "LPCAM_HOSTS", "LPCAM_K", "LPCAM_BLANK"):
+        assert read_or_allowed not in text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=hs.__name__):
+        hs.read_settings(OPTIONS, env, host="demo")
+    assert caplog.text == ""  # once per process
+
+
+def test_an_option_of_another_host_is_reported_where_it_is_not_read(monkeypatch, caplog):
+    import lpcam_adapters.irn_family as irn_family
+    import lpcam_adapters.mctformer as mctformer
+
+    monkeypatch.setattr(hs, "UNREAD_REPORTED", set())
+    with caplog.at_level("WARNING", logger=hs.__name__):
+        hs.read_settings((irn_family.AMP,), {"LPCAM_AMP": "1"}, host="irn")
+        assert caplog.text == ""
+        mctformer.settings_for(None, {"LPCAM_AMP": "1"})
+    assert "LPCAM_AMP is set but mctformer reads no such setting" in caplog.text
