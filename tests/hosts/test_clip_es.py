@@ -187,6 +187,43 @@ def test_lpcam_files_are_the_hosts_format(runs, kit):
     assert differs == NUM_IMAGES, "LPCAM maps are not Grad-CAM's"
 
 
+# Every process of the run (the spawned workers too) runs CUDA-only code on the CPU, but the host's own
+# torch.multiprocessing.spawn stays real: the workers are new interpreters that unpickle the swapped GradCAM.
+CPU_WORKERS_SITE = (
+    "import torch.multiprocessing\n"
+    "spawn = torch.multiprocessing.spawn\n"
+    "from lpcam_adapters.cpu import cuda_as_cpu\n"
+    "shims = cuda_as_cpu()  # kept: a dropped generator would be closed, undoing the shims\n"
+    "shims.__enter__()\n"
+    "torch.multiprocessing.spawn = spawn\n"
+)
+
+
+def test_spawned_workers_run_the_swap_with_the_same_bank(runs, kit, hostkit, tmp_path):
+    """``--num_workers 2``: CLIP-ES spawns two processes and pickles its GradCAM to them; each runs LPCAM
+    with the bank it carries and writes the same maps as the one-process run."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(CPU_WORKERS_SITE)
+    bank = tmp_path / "bank.pt"
+    shutil.copyfile(kit["work"] / "result" / "lpcam_bank.pt", bank)  # the one-process run's bank
+    env = {**kit["env"], **RANDOM_CLIP, "LPCAM": "1", "LPCAM_BANK": str(bank), "LPCAM_BUILD": "never",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(site), kit["env"].get("PYTHONPATH", "")) if p)}
+    out = "result/voc12_two_workers"
+    proc = hostkit.run([sys.executable, "generate_cams_voc12.py", "--img_root", str(kit["root"] / "JPEGImages"),
+                        "--split_file", "voc12/train.txt", "--model", str(kit["weights"]), "--cam_out_dir", out,
+                        "--num_workers", "2"], kit["work"], env)
+    assert proc.stdout.count("LPCAM in place of Grad-CAM") + proc.stderr.count("LPCAM in place of Grad-CAM") >= 1
+    names = sorted(os.listdir(kit["work"] / out))
+    assert names == sorted(f"{i}.npy" for i in kit["train"])
+    for name in names:
+        got, one = load(kit["work"] / out / name), load(runs["lpcam"] / name)
+        assert got["keys"].tolist() == one["keys"].tolist(), name
+        assert np.allclose(got["attn_highres"].astype(np.float32), one["attn_highres"].astype(np.float32),
+                           atol=1e-3), name
+        assert not np.array_equal(got["attn_highres"], load(runs["off"] / name)["attn_highres"]), name
+
+
 def test_hosts_evaluations_read_lpcam_files(runs, kit, hostkit):
     from lpcam_adapters import clip_es, trial
 
