@@ -118,6 +118,7 @@ INFO = HostInfo(
     thresholds="AMN stage (b) with LPCAM maps: no published thresholds; AMN's own are --cam_eval_thres 0.25 "
                "--conf_fg_thres 0.45 --conf_bg_thres 0.15 --sem_seg_bg_thres 0.25, the IRN-LPCAM ones "
                "0.30/0.45/0.25/0.35; pick --cam_eval_thres by a sweep (benchmarks/amn.py) before cam_to_ir_label",
+    patch_owners=("lpcam_adapters.compat",),
 )
 
 
@@ -583,9 +584,6 @@ def install() -> None:
 
 def _plan(ns: Any, settings: HostSettings) -> AMNStageB:
     """``lpcam amn prototypes|make`` (stage b): the checkpoint file ``--weights`` as is."""
-    if not ns.ir_label_dir:
-        raise ValueError("--ir-label-dir is required: the stage-(a) ir_label PNGs normalise AMN's maps and can split "
-                         "the pools")
     weights = os.path.abspath(ns.weights)
     model = irn_family.load_model(ns.network, weights, flag="--weights")
     return AMNStageB(model, ns.network, ns.scales, settings.options, os.path.abspath(ns.ir_label_dir),
@@ -593,7 +591,8 @@ def _plan(ns: Any, settings: HostSettings) -> AMNStageB:
 
 
 def _extra_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ir-label-dir", help="stage-(a) ir_label PNGs (AMN's --ir_label_out_dir)")
+    p.add_argument("--ir-label-dir", required=True, help="stage-(a) ir_label PNGs (AMN's --ir_label_out_dir): they "
+                   "normalise AMN's maps and can split the pools")
 
 
 def register(subparsers: Any) -> None:

@@ -64,6 +64,10 @@ class HostInfo:
         options: the host's own settings (:class:`~lpcam_adapters.settings.Option`).
         section: the YAML section of those settings (``adapter``, ``amn``).
         env_docs: documentation overrides of the common variables.
+        patch_owners: other modules whose patches ``--explain`` lists with the adapter's own (the IRN
+            family's modern-stack shims, registered by ``lpcam_adapters.compat``).
+        unread_env: common variables this host does not read (``LPCAM_WORKERS`` where the host runs its own
+            loop): ``--explain`` leaves them out and a run that finds one set says it changes nothing.
         thresholds: what to run the host's next steps with on LPCAM maps (one line), or ''.
     """
 
@@ -76,6 +80,8 @@ class HostInfo:
     options: tuple[Option, ...] = ()
     section: str = "adapter"
     env_docs: Mapping[str, str] = field(default_factory=dict)
+    patch_owners: tuple[str, ...] = ()
+    unread_env: tuple[str, ...] = ()
     thresholds: str = ""
 
 
@@ -152,9 +158,14 @@ class Datasets:
 
 
 def resolve_workers(settings: HostSettings) -> int:
-    """Processes for the image loops: the setting, else one per GPU (0 on a CPU machine)."""
+    """Processes to spawn for the image loops: the setting, else one per GPU (0, in-process, on a CPU machine
+    and under torchrun, which launched the processes itself)."""
+    from lpcam_core import run
+
     if settings.workers is not None:
         return settings.workers
+    if run.launched_by_torchrun():
+        return 0
     import torch
 
     return torch.cuda.device_count()

@@ -203,7 +203,7 @@ def explain_text(info: HostInfo) -> str:
     install = getattr(module, "install", None)
     if callable(install):
         install()
-    owners = {info.module, "lpcam_adapters.compat", *getattr(module, "PATCH_OWNERS", ())}
+    owners = {info.module, *info.patch_owners}
     rows = [r for r in hooks.describe_patches() if r.owner in owners]
     lines = [f"`import {info.module}` registers these patches (applied when the host imports the module):", ""]
     if rows:
@@ -211,7 +211,7 @@ def explain_text(info: HostInfo) -> str:
         status_w = max(len(r.status) for r in rows)
         lines.append(f"{'patch':<{name_w}}  {'status':<{status_w}}  what it changes")
         lines += [f"{r.module + ':' + r.name:<{name_w}}  {r.status:<{status_w}}  {r.description}" for r in rows]
-    docs = env_docs(info.options, **dict(info.env_docs))
+    docs = {k: v for k, v in env_docs(info.options, **dict(info.env_docs)).items() if k not in info.unread_env}
     width = max(len(k) for k in docs)
     lines += ["", "settings (environment variables):"] + [f"  {k:<{width}}  {v}" for k, v in docs.items()]
     if info.thresholds:
@@ -282,7 +282,7 @@ def _cmd_group(ns: argparse.Namespace) -> int:
         return 2
     from .settings import read_settings
 
-    read_settings(ns.info.options, section=ns.info.section, host=ns.info.name)  # the settings it would read: refused if malformed
+    read_settings(ns.info.options, section=ns.info.section, host=ns.info.name, unread=ns.info.unread_env)  # the settings it would read: refused if malformed
     sys.stdout.write(explain_text(ns.info) + "\n")
     return 0
 

@@ -70,15 +70,17 @@ INFO = HostInfo(
     signature={"generate_cams_voc12.py": "from pytorch_grad_cam import GradCAM", "clip/model.py": "def forward_last_layer"},
     options=OPTIONS,
     env_docs={"LPCAM_BANK": "prototype bank file (default <dirname(cam_out_dir)>/lpcam_bank.pt)",
-              "LPCAM_PROTO_LIST": "image list clustered for prototypes (default voc12/train.txt; COCO coco14/train.txt)",
-              "LPCAM_BASELINE_DIR": "unused: the pools are split by Grad-CAM maps computed in the bank's own pass"},
+              "LPCAM_PROTO_LIST": "image list clustered for prototypes (default voc12/train.txt; COCO coco14/train.txt)"},
+    # the script runs its own loop; the pools are split by Grad-CAM maps computed in the bank's own pass
+    unread_env=("LPCAM_WORKERS", "LPCAM_DEVICE", "LPCAM_NO_PRETRAINED", "LPCAM_BASELINE_DIR"),
     thresholds="eval_cam.py and eval_cam_with_crf.py as for Grad-CAM (attn_highres, their own background rule)",
 )
 
 
 def settings_for(environ: Mapping[str, str] | None = None, *, coco: bool = False) -> HostSettings:
     """CLIP-ES's settings (VOC preset, or COCO's for the COCO script)."""
-    return read_settings(OPTIONS, environ, fallback_preset="coco" if coco else "voc", host="clip-es")
+    return read_settings(OPTIONS, environ, fallback_preset="coco" if coco else "voc", host="clip-es",
+                         unread=INFO.unread_env)
 
 
 def clip_target(index: int) -> Any:

@@ -38,6 +38,7 @@ INFO = HostInfo(
               "LPCAM_BASELINE_DIR": "baseline CAM directory (default <cam_out_dir>_baseline)",
               "LPCAM_PROTO_LIST": "image list clustered for prototypes (default voc12/train.txt)"},
     thresholds=irn_family.recommended_thresholds(SPEC),
+    patch_owners=("lpcam_adapters.compat",),
 )
 
 

@@ -668,7 +668,8 @@ def cmd_prototypes(ns: Any) -> int:
         paths = {"bank_path": bank, "baseline_dir": host.prototype_baseline_dir(_abs(settings.baseline_dir), bank),
                  "reads": reads,
                  "meta": {"host": host.name, "proto_list": ns.list, "num_proto_images": len(data.proto_ids), **host.meta}}
-        run.launch(prototypes_job, host, data, settings, paths, workers=settings.workers, device=settings.device)
+        run.launch(prototypes_job, host, data, settings, paths, workers=base.resolve_workers(settings),
+                   device=settings.device)
     return 0
 
 
@@ -695,7 +696,7 @@ def cmd_make(ns: Any) -> int:
         data = voc_datasets(_list_path(ns.list), None, ns.voc12_root, ns.scales, loader_workers=ns.loader_workers)
         paths = {"bank_path": None if ns.baseline else _abs(ns.bank), "out_dir": out, "reads": reads,
                  "mode": "overwrite" if ns.overwrite else "resume", "thresholds": info.thresholds}
-        run.launch(make_job, host, data, paths, workers=settings.workers, device=settings.device)
+        run.launch(make_job, host, data, paths, workers=base.resolve_workers(settings), device=settings.device)
     return 0
 
 

@@ -111,10 +111,9 @@ INFO = HostInfo(
               "LPCAM_BANK": "prototype bank file (default <checkpoint>.lpcam_bank.pt beside --resume)",
               "LPCAM_BASELINE_DIR": "baseline maps of the prototype list (default <cam-npy-dir>_baseline)",
               "LPCAM_PROTO_LIST": "ids clustered for prototypes (default <img-list>/train_id.txt, VOC's 1,464)"},
+    unread_env=("LPCAM_WORKERS", "LPCAM_DEVICE", "LPCAM_NO_PRETRAINED"),  # the host's main.py runs its own loop
     thresholds="Evaluate with the host's own `python evaluation.py --type npy --curve True ...` (background threshold sweep)",
 )
-#: Modules whose patches ``--explain`` lists with this host's (the shims are this module's too).
-PATCH_OWNERS = (__name__,)
 
 _SUPPORTED = ("MCTformerV2", "MCTformerPlus")
 
@@ -128,6 +127,7 @@ def settings_for(args: Any = None, environ: Mapping[str, str] | None = None) -> 
     maps are min-max normalised, so the voc preset gets this host's own tau (:data:`DEFAULT_TAU`)."""
     coco = str(getattr(args, "data_set", "") or "").upper().startswith("COCO")
     return read_settings(OPTIONS, environ, fallback_preset="coco" if coco else "voc", host="mctformer",
+                         unread=INFO.unread_env,
                          preset_defaults={"voc": {"fg_threshold": DEFAULT_TAU}})
 
 

@@ -49,6 +49,7 @@ INFO = HostInfo(
     env_docs={"LPCAM_BANK": "prototype bank file (default <work_space>/lpcam_bank.pt, _recam.pt for make_recam)",
               "LPCAM_BASELINE_DIR": "baseline CAM directory (default <cam_out_dir>_baseline, _recam_baseline)"},
     thresholds=irn_family.recommended_thresholds(SPEC),
+    patch_owners=("lpcam_adapters.compat",),
 )
 
 

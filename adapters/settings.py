@@ -34,6 +34,7 @@ __all__ = [
     "env_docs",
     "COMMON_ENV",
     "OTHER_VARS",
+    "HOST_IGNORED_KEYS",
     "UNREAD_REPORTED",
     "report_unread",
 ]
@@ -78,6 +79,12 @@ COMMON_ENV: dict[str, str] = {
 
 #: ``LPCAM_*`` variables read outside the settings (the host test suite, try runs): never reported as unread.
 OTHER_VARS = frozenset({"LPCAM_HOSTS", "LPCAM_TRY_SEED"})
+
+#: LPCAMConfig keys a host run cannot honour (refused in its YAML rather than ignored), with the reason.
+HOST_IGNORED_KEYS = {
+    "scales": "the maps use the host's own scales: its --cam_scales, or --scales of `lpcam <host> prototypes|make`",
+    "max_normalise_eps": "the host's files hold its own max-normalised maps, divided by the max alone",
+}
 
 #: The unread variables already reported in this process (each is reported once).
 UNREAD_REPORTED: set[str] = set()
@@ -227,6 +234,7 @@ def read_settings(
     preset_defaults: Mapping[str, Mapping[str, Any]] | None = None,
     common_section: str = "adapter",
     host: str | None = None,
+    unread: Sequence[str] = (),
 ) -> HostSettings:
     """Fill :class:`HostSettings`: preset, then the ``LPCAM_CONFIG`` YAML, then the variables.
 
@@ -240,6 +248,7 @@ def read_settings(
         common_section: YAML section of the shared fields (``adapter``).
         host: the host's name, for the warning about ``LPCAM_*`` variables it does not read
             (:func:`report_unread`).
+        unread: common variables this host does not read (reported when set, as unknown ones are).
 
     Raises:
         FileNotFoundError: no such config file. ValueError: a malformed value or an unknown key, naming it.
@@ -247,7 +256,7 @@ def read_settings(
     from lpcam_core.config import LPCAMConfig
 
     env = dict(os.environ if environ is None else environ)
-    report_unread(env, options, host)
+    report_unread(env, options, host, unread)
     path = env.get("LPCAM_CONFIG", "").strip()
     data = _read_yaml(path) if path else {}
     where = f"LPCAM_CONFIG={path}"
@@ -267,6 +276,10 @@ def read_settings(
         found[name] = {keys[k]: v for k, v in block.items()}
     preset = env.get("LPCAM_PRESET", "").strip() or data.pop("preset", None) or fallback_preset
     data.pop("preset", None)
+    for key, why in HOST_IGNORED_KEYS.items():
+        if key in data:
+            raise ValueError(f"{where}: `{key}` does not apply to a host run ({why}); it is a setting of the Python "
+                             "LPCAM class only: remove it from this file")
     core = {**(preset_defaults or {}).get(str(preset).lower(), {}), **data}
     cfg = LPCAMConfig.from_dict({"preset": preset, **core}, source=path or "LPCAM settings")
     overrides: dict[str, Any] = {}
@@ -323,13 +336,15 @@ def read_settings(
     return HostSettings(lpcam=cfg, options=values, **{k: v for k, v in common.items() if k in _COMMON_KEYS.values()})
 
 
-def report_unread(environ: Mapping[str, str], options: Sequence[Option] = (), host: str | None = None) -> list[str]:
+def report_unread(environ: Mapping[str, str], options: Sequence[Option] = (), host: str | None = None,
+                  unread: Sequence[str] = ()) -> list[str]:
     """Warn (once per process, from the main process) about set ``LPCAM_*`` variables these settings do not read.
 
     A typo (``LPCAM_MUF`` for ``LPCAM_MU_F``) or another host's option (``LPCAM_AMP`` under MCTformer)
-    would otherwise change nothing, silently. Returns the variables reported by this call.
+    would otherwise change nothing, silently; so would a common variable the host does not read (``unread``:
+    ``LPCAM_WORKERS`` for MCTformer). Returns the variables reported by this call.
     """
-    known = set(COMMON_ENV) | {var for var, _, _ in _CORE_VARS} | {o.env for o in options}
+    known = (set(COMMON_ENV) | {var for var, _, _ in _CORE_VARS} | {o.env for o in options}) - set(unread)
     unread = sorted(var for var, value in environ.items() if var.startswith("LPCAM_") and str(value).strip()
                     and var not in known and var not in OTHER_VARS and var not in UNREAD_REPORTED)
     if not unread or multiprocessing.parent_process() is not None or os.environ.get("RANK", "0") != "0":

@@ -551,12 +551,17 @@ def test_cli_commands_parse(amn, capsys):
     ns = parser.parse_args(["amn", "prototypes", "--host", "H", "--voc12-root", "V", "--weights", "W",
                             "--bank", "B", "--ir-label-dir", "I", "--softmax", "21", "--split", "ir_label"])
     assert ns.func.__name__ == "cmd_prototypes" and ns.opt_softmax == 21 and ns.list == "voc12/train.txt"
+    with pytest.raises(SystemExit):  # the stage-(a) ir_label PNGs are required, by the parser
+        parser.parse_args(["amn", "prototypes", "--host", "H", "--voc12-root", "V", "--weights", "W", "--bank", "B"])
+    assert "--ir-label-dir" in capsys.readouterr().err
     ns = parser.parse_args(["amn", "prototypes", "--host", "H", "--voc12-root", "V", "--weights", "W", "--bank", "B",
-                            "--workers", "0", "--device", "cpu", "--rebuild", "--classifier", "centre", "--softmax", "21"])
+                            "--ir-label-dir", "I", "--workers", "0", "--device", "cpu", "--rebuild", "--classifier",
+                            "centre", "--softmax", "21"])
     settings = irn_family.cli_settings(ns, amn.INFO)
     assert settings.option("softmax") == 21 and settings.option("classifier") == "centre" and settings.rebuild_bank
     assert settings.enabled and settings.workers == 0
-    ns = parser.parse_args(["amn", "make", "--host", "H", "--voc12-root", "V", "--weights", "W", "--out", "O"])
+    ns = parser.parse_args(["amn", "make", "--host", "H", "--voc12-root", "V", "--weights", "W", "--out", "O",
+                            "--ir-label-dir", "I"])
     with pytest.raises(ValueError, match="--bank"):
         ns.func(ns)
     ns = parser.parse_args(["amn", "--explain"])

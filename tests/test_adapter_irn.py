@@ -203,6 +203,34 @@ def test_default_paths_and_thresholds():
     assert "--cam_eval_thres 0.3" in text and "--sem_seg_bg_thres 0.35" in text and "0.15/0.3/0.05/0.25" in text
 
 
+@pytest.mark.parametrize("step", ["prototypes", "make"])
+def test_explicit_steps_spawn_one_process_per_gpu_by_default(step, tmp_path, monkeypatch):
+    """``lpcam irn prototypes|make`` on N GPUs: N workers unless --workers says otherwise; in-process on a
+    CPU machine and under torchrun (which launched the processes)."""
+    import contextlib
+
+    from lpcam_core.cli import build_parser
+
+    launched = []
+    monkeypatch.setattr(run, "launch", lambda fn, *a, workers=None, device=None: launched.append(workers))
+    monkeypatch.setattr(irn_family, "in_host", lambda host: contextlib.nullcontext())
+    monkeypatch.setattr(irn_family, "voc_datasets", lambda *a, **k: Namespace(proto_ids=["a"]))
+    fake = Namespace(name="irn", meta={}, amp=False, prototype_baseline_dir=lambda d, bank: d or bank + "_baseline")
+    argv = ["irn", step, "--host", str(tmp_path), "--voc12-root", str(tmp_path / "voc"), "--weights", "w.pth"]
+    argv += ["--bank", str(tmp_path / "b.pt")] if step == "prototypes" else ["--baseline", "--out", str(tmp_path / "o")]
+    for env, gpus, flag, expected in (({}, 2, [], 2), ({}, 0, [], 0), ({"RANK": "0", "WORLD_SIZE": "2"}, 2, [], 0),
+                                      ({}, 2, ["--workers", "3"], 3)):
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda gpus=gpus: gpus)
+        ns = build_parser([*argv, *flag]).parse_args([*argv, *flag])
+        ns.plan = lambda ns, settings: fake
+        assert ns.func(ns) == 0
+        assert launched[-1] == expected, (env, gpus, flag)
+
+
 def test_irn_import_registers_without_importing_the_host():
     with hooks.scoped():
         import lpcam_adapters.irn as irn
@@ -511,7 +539,7 @@ def test_torchrun_with_spawned_workers_is_refused(host, monkeypatch, tmp_path, c
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     argv = [host, "make", "--host", str(tmp_path), "--voc12-root", "v", "--weights", "w", "--bank", "b",
-            "--out", str(tmp_path / "o"), "--workers", "2"]
+            "--out", str(tmp_path / "o"), "--workers", "2"] + (["--ir-label-dir", "i"] if host == "amn" else [])
     with pytest.raises(SystemExit) as err:
         core_cli.main(argv)
     assert err.value.code == 2

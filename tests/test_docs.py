@@ -166,3 +166,25 @@ SNIPPETS = python_snippets()
 def test_documented_snippet_runs(where, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, where, "exec"), {"__name__": "__docs__"})
+
+
+def test_the_settings_guide_yaml_is_read_as_it_says(tmp_path):
+    """docs/hosts/settings.md's YAML example, read by the IRN adapter's settings, gives what the page says;
+    and the page names every variable every host reads."""
+    from lpcam_adapters import irn
+    from lpcam_adapters.settings import COMMON_ENV, read_settings
+
+    page = (ROOT / "docs" / "hosts" / "settings.md").read_text(encoding="utf-8")
+    block = re.search(r"```yaml settings\n(.*?)```", page, re.S)
+    assert block, "docs/hosts/settings.md: no ```yaml settings block"
+    path = tmp_path / "settings.yaml"
+    path.write_text(block.group(1))
+    s = read_settings(irn.INFO.options, {"LPCAM_CONFIG": str(path)}, host="irn")
+    assert (s.lpcam.preset_name, s.lpcam.num_clusters, s.lpcam.fg_threshold, s.lpcam.seed) == ("voc", 12, 0.15, 0)
+    assert (s.bank_path, s.rebuild_bank, s.baseline_dir, s.proto_list, s.workers, s.device) == (
+        "result/lpcam_bank.pt", False, "result/cam_baseline", "voc12/train.txt", 0, "cpu")
+    assert s.option("amp") is False
+    # later sources win: a variable over the file
+    assert read_settings(irn.INFO.options, {"LPCAM_CONFIG": str(path), "LPCAM_K": "5"}).lpcam.num_clusters == 5
+    missing = [var for var in COMMON_ENV if f"`{var}`" not in page]
+    assert not missing, f"docs/hosts/settings.md does not name {missing}"

@@ -42,6 +42,8 @@ def test_make_refuses_to_write_where_it_reads(tmp_path, capsys, monkeypatch, hos
             "--bank", str(bank), "--out", str(out)]
     if host == "recam":
         argv.append("--plain-cam")
+    if host == "amn":
+        argv += ["--ir-label-dir", str(tmp_path / "ir_label")]
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2

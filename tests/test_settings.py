@@ -138,3 +138,35 @@ def test_an_option_of_another_host_is_reported_where_it_is_not_read(monkeypatch,
         assert caplog.text == ""
         mctformer.settings_for(None, {"LPCAM_AMP": "1"})
     assert "LPCAM_AMP is set but mctformer reads no such setting" in caplog.text
+
+
+@pytest.mark.parametrize("key, value, named", [("scales", "[1.0]", "--cam_scales"),
+                                               ("max_normalise_eps", "0.001", "max-normalised")])
+def test_core_keys_a_host_cannot_honour_are_refused_not_ignored(tmp_path, key, value, named):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"num_clusters: 7\n{key}: {value}\n")
+    with pytest.raises(ValueError, match=f"LPCAM_CONFIG={path}: `{key}` does not apply to a host run.*{named}"):
+        hs.read_settings(OPTIONS, {"LPCAM_CONFIG": str(path)})
+    path.write_text("num_clusters: 7\n")
+    assert hs.read_settings(OPTIONS, {"LPCAM_CONFIG": str(path)}).lpcam.num_clusters == 7
+
+
+def test_common_variables_a_host_does_not_read_are_reported_and_left_out_of_explain(monkeypatch, caplog):
+    """MCTformer and CLIP-ES run their own loops: LPCAM_WORKERS does nothing there, and says so."""
+    import lpcam_adapters.clip_es as clip_es
+    import lpcam_adapters.irn as irn
+    import lpcam_adapters.mctformer as mctformer
+    from lpcam_adapters.cli import explain_text
+
+    monkeypatch.setattr(hs, "UNREAD_REPORTED", set())
+    with caplog.at_level("WARNING", logger=hs.__name__):
+        hs.read_settings(irn.INFO.options, {"LPCAM_WORKERS": "2"}, host="irn")
+        assert caplog.text == ""
+        mctformer.settings_for(None, {"LPCAM_WORKERS": "2"})
+        clip_es.settings_for({"LPCAM_BASELINE_DIR": "b"})
+    assert "LPCAM_WORKERS is set but mctformer reads no such setting" in caplog.text
+    assert "LPCAM_BASELINE_DIR is set but clip-es reads no such setting" in caplog.text
+    assert "LPCAM_WORKERS" in explain_text(irn.INFO)
+    for info in (mctformer.INFO, clip_es.INFO):
+        text = explain_text(info)
+        assert "LPCAM_BANK" in text and not any(var in text for var in info.unread_env), info.name
