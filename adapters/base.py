@@ -277,9 +277,9 @@ def write_lpcam(host: Host, bank: PrototypeBank, bank_path: str, data: Datasets,
 
 
 def warn_all_zero_maps(zeros: int, total: int) -> None:
-    """Say how many of the LPCAM maps a pass wrote are all zero (nothing when none is)."""
+    """Say how many of the per-class LPCAM maps a pass wrote are all zero (nothing when none is)."""
     if zeros:
-        logger.warning("%d of %d LPCAM maps written are all zero (a class with no prototype in the bank, or its context "
+        logger.warning("%d of the %d class maps written (one per class present in an image) are all zero (a class with no prototype in the bank, or its context "
                        "prototypes as similar as its class prototypes everywhere): expected of a barely trained model, "
                        "not of a trained one", zeros, total)
 

@@ -111,11 +111,14 @@ def check_checkout(host_dir: str | os.PathLike, info: HostInfo) -> Path:
     """The checkout ``host_dir`` when its files say it is ``info``'s host, else ``ValueError`` naming what is missing."""
     root = Path(host_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such directory (expected a {info.title} checkout)")
+        what = "not a directory" if root.exists() else "no such directory"
+        raise FileNotFoundError(f"{root}: {what} (expected a {info.title} checkout)")
     for rel, text in info.signature.items():
         path = root / rel
+        if not path.is_file():
+            raise ValueError(f"{root} is not a {info.title} checkout: it has no {rel}")
         try:  # a FIFO or device never blocks the check: only regular files are read
-            found = path.is_file() and text in path.read_text(encoding="utf-8", errors="replace")
+            found = text in path.read_text(encoding="utf-8", errors="replace")
         except OSError:
             found = False
         if not found:
@@ -211,6 +214,8 @@ def explain_text(info: HostInfo) -> str:
         status_w = max(len(r.status) for r in rows)
         lines.append(f"{'patch':<{name_w}}  {'status':<{status_w}}  what it changes")
         lines += [f"{r.module + ':' + r.name:<{name_w}}  {r.status:<{status_w}}  {r.description}" for r in rows]
+        lines += ["", "pending: applied when the host imports that module (in this `lpcam` process no host module is "
+                  "imported; a module this host's checkout does not have is never imported, so its patch never applies)"]
     docs = {k: v for k, v in env_docs(info.options, **dict(info.env_docs)).items() if k not in info.unread_env}
     width = max(len(k) for k in docs)
     lines += ["", "settings (environment variables):"] + [f"  {k:<{width}}  {v}" for k, v in docs.items()]

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import logging
 import os
@@ -389,7 +388,10 @@ def try_clip_es(info: HostInfo, host_dir: str, out: str, *, images: int = 20, si
     """
     from lpcam_core.formats import write_voc_annotations
 
-    from .trial import percent, prepare_try, report
+    from .trial import CRF_INSTALL, command_line, percent, prepare_try, report, require_modules
+
+    require_modules(info, {"cv2": "opencv-python-headless", "lxml": "lxml", "ftfy": "ftfy", "regex": "regex",
+                           "ttach": "ttach", "torchvision": "torchvision"}, "clip-es")
 
     if images < 2:
         raise ValueError(f"--images {images}: expected at least 2 (CLIP-ES reads its list with np.loadtxt)")
@@ -401,7 +403,7 @@ def try_clip_es(info: HostInfo, host_dir: str, out: str, *, images: int = 20, si
     subprocess.run([sys.executable, "-c", TINY_CLIP, str(weights), str(seed)], cwd=work, env=env, check=True,
                    capture_output=True, timeout=timeout)
     report(f"  tiny random-init CLIP (ViT width 64, 2 layers, patch 16) built with the checkout's clip/model.py: {weights}")
-    crf = importlib.util.find_spec("pydensecrf") is not None and importlib.util.find_spec("joblib") is not None
+    crf = hooks.installed("pydensecrf") and hooks.installed("joblib")
     runs = [("LPCAM=0 (the host's Grad-CAM)", {"LPCAM": "0"}, "result/voc12_own"),
             ("LPCAM=1 (the swap)", {"LPCAM": "1", "LPCAM_MU_F": "0", "LPCAM_MU_B": "1"}, "result/voc12_lpcam")]
     results = []
@@ -414,13 +416,12 @@ def try_clip_es(info: HostInfo, host_dir: str, out: str, *, images: int = 20, si
             steps.append(("eval_cam_with_crf.py", ["--cam_out_dir", cams, "--gt_root", str(root / "SegmentationClass"),
                                                    "--image_root", str(root / "JPEGImages"), "--split_file",
                                                    "voc12/train.txt", "--eval_only"]))
-        shown = " ".join(f"{k}={v}" for k, v in extra_env.items())
         report(f"\n  {title}, in {work} (inside lpcam_adapters.cpu.cuda_as_cpu):")
         scores, start = [], time.perf_counter()
         log = out_dir / f"{'lpcam' if extra_env['LPCAM'] == '1' else 'own'}.log"
         with open(log, "w", encoding="utf-8") as log_file:
             for name, argv in steps:
-                report(f"    {shown} python {name} {' '.join(argv)}")
+                report(f"    {command_line(extra_env, name, argv)}")
                 proc = setup.run(name, argv, extra_env, log_file, timeout)
                 if proc is None:
                     return 2
@@ -429,7 +430,7 @@ def try_clip_es(info: HostInfo, host_dir: str, out: str, *, images: int = 20, si
         seconds = time.perf_counter() - start
         results.append((title, scores, seconds))
         report(f"    finished in {seconds:.0f}s; seeds mIoU {percent(scores[0])}" +
-              (f", CRF masks mIoU {percent(scores[1])}" if crf else " (CRF skipped: pip install 'lpcam[clip-es]')"))
+              (f", CRF masks mIoU {percent(scores[1])}" if crf else f" (CRF skipped: {CRF_INSTALL}; and joblib)"))
     report(f"\n  files: CAMs {work / 'result' / 'voc12_own'} and {work / 'result' / 'voc12_lpcam'} "
           f"({{keys, attn_highres}} float16, the host's format); bank {work / 'result' / 'lpcam_bank.pt'}")
     (out_dir / "try_results.json").write_text(json.dumps(

@@ -54,6 +54,7 @@ __all__ = [
     "install",
     "uninstall",
     "is_installed",
+    "installed",
     "scoped",
     "apply_patches",
     "applied_patches",
@@ -521,6 +522,12 @@ _finder = _PatchFinder()
 def is_installed() -> bool:
     """Whether the import hook is in ``sys.meta_path``."""
     return any(f is _finder for f in sys.meta_path)
+
+
+def installed(module: str) -> bool:
+    """Whether the real top-level ``module`` can be imported: lpcam's stand-ins (:func:`register_fallback`),
+    which ``importlib.util.find_spec`` reports too, do not count."""
+    return _finder._find_real(module, None, None) is not None
 
 
 def install() -> None:

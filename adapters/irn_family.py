@@ -191,8 +191,9 @@ def load_model(network: str, weights: str | os.PathLike, *, cls_name: str = "CAM
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, foreign, or a pickle that names code: never run
-        raise ValueError(f"{flag} {path}: not a readable checkpoint ({type(err).__name__}: "
-                         f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else ''})") from None
+        from lpcam_core.io import load_refusal
+
+        raise ValueError(f"{flag} {path}: not a readable checkpoint ({load_refusal(err)})") from None
     try:
         model.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, AttributeError, KeyError) as err:
@@ -232,6 +233,9 @@ def voc_datasets(map_list: str | None, proto_list: str | None, voc12_root: str, 
     import torch
 
     labels_file = os.path.join(os.getcwd(), "voc12", "cls_labels.npy")
+    if not os.path.isdir(os.path.join(voc12_root, "JPEGImages")):
+        raise FileNotFoundError(f"voc12_root {voc12_root}: no JPEGImages folder in it (expected the VOC2012 root, "
+                                "e.g. VOCdevkit/VOC2012)")
     try:
         loader = importlib.import_module("voc12.dataloader")  # it reads voc12/cls_labels.npy as it loads
     except (ValueError, TypeError, AttributeError) as err:
@@ -684,6 +688,9 @@ def cmd_make(ns: Any) -> int:
     run.check_workers(settings.workers)
     if not ns.baseline and not ns.bank:
         raise ValueError(f"--bank is required for LPCAM maps (build one with `lpcam {info.name} prototypes`)")
+    if not ns.baseline and not os.path.isfile(_abs(ns.bank)):
+        raise FileNotFoundError(f"--bank {ns.bank}: no such file; build it first with `lpcam {info.name} prototypes "
+                                f"... --bank {ns.bank}` (or give --baseline for the host's own maps)")
     out = _abs(ns.out)
     reads = make_reads(ns, settings.baseline_dir)
     check_output_dir(out, read_dirs=reads)  # before anything is loaded

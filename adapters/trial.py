@@ -16,10 +16,10 @@ one-epoch model on synthetic images say the plumbing works, not how good LPCAM i
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import hooks
 from .base import HostInfo
 
 __all__ = ["RUNNER", "TrySetup", "prepare_try", "try_parser", "try_irn", "irn_family_runs", "add_try", "host_miou", "synthetic_voc", "percent", "report", "best_miou",
@@ -102,11 +103,10 @@ class TrySetup:
             timeout: float) -> subprocess.CompletedProcess | None:
         """Run ``python <script> argv`` of the work folder through :data:`RUNNER` (CPU shims, seed), its output
         appended to the open file ``log``; None, after one line saying why, when it failed."""
-        shown = " ".join(f"{k}={v}" for k, v in extra_env.items())
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", RUNNER, script, *argv], cwd=self.work, env={**self.env, **extra_env},
                               capture_output=True, text=True, timeout=timeout)
-        log.write(f"$ {shown} python {script} {' '.join(argv)}\n{proc.stdout}{proc.stderr}\n")
+        log.write(f"$ {command_line(extra_env, script, argv)}\n{proc.stdout}{proc.stderr}\n")
         log.flush()
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -192,21 +192,20 @@ def try_irn(info: HostInfo, host_dir: str, out: str, *, images: int = 20, size: 
     """The try path for IRN, ReCAM or AMN (see the module docstring); returns 0 when both runs finished."""
     if images < 20:
         raise ValueError(f"--images {images}: the IRN family's steps need at least 20 (they divide the list by 20)")
-    crf = importlib.util.find_spec("pydensecrf") is not None
+    crf = hooks.installed("pydensecrf")
     if not crf and info.name == "amn":
-        raise ValueError("AMN trains on the ir labels of cam_to_ir_label, which needs pydensecrf: "
-                         "pip install 'lpcam[hosts]'")
+        raise ValueError(f"AMN trains on the ir labels of cam_to_ir_label, which needs pydensecrf: {CRF_INSTALL}")
     setup = prepare_try(info, host_dir, out, images=images, size=size, seed=seed)
     out_dir, root, work = setup.out_dir, setup.root, setup.work
     if not crf:
-        report("  cam_to_ir_label skipped: pydensecrf is not installed (pip install 'lpcam[hosts]')")
+        report(f"  cam_to_ir_label skipped: pydensecrf is not installed ({CRF_INSTALL})")
     setup.env.update(LPCAM_NO_PRETRAINED="1", LPCAM_WORKERS="0", LPCAM_DEVICE="cpu")
     common, runs = irn_family_runs(info.name, root, epochs, crf)
     results = []
     for title, extra_env, flags in runs:
         argv = [*common, *flags]
-        shown = " ".join(f"{k}={v}" for k, v in {**extra_env, "LPCAM_NO_PRETRAINED": "1"}.items())
-        report(f"\n  {title}, in {work}:\n    {shown} python {info.entry_script} {' '.join(argv)}")
+        shown = command_line({**extra_env, "LPCAM_NO_PRETRAINED": "1"}, info.entry_script, argv)
+        report(f"\n  {title}, in {work}:\n    {shown}")
         report(f"    (inside lpcam_adapters.cpu.cuda_as_cpu: {'; '.join(_shims())})")
         start = time.perf_counter()
         log = out_dir / f"{'lpcam' if extra_env['LPCAM'] == '1' else 'own'}.log"
@@ -222,9 +221,29 @@ def try_irn(info: HostInfo, host_dir: str, out: str, *, images: int = 20, size: 
     report("\n  | run | host's eval mIoU (%) | seconds |\n  |---|---:|---:|")
     for title, miou, seconds, _ in results:
         report(f"  | {title} | {percent(miou)} | {seconds:.0f} |")
-    report("\n  A briefly trained model on synthetic images: these numbers check the plumbing, not LPCAM's gain. On VOC "
-          f"with a trained checkpoint and a GPU, run the same two commands in your checkout (docs/hosts/{info.name}.md).")
+    report("\n  A briefly trained model on synthetic images: these numbers check the plumbing, not LPCAM's gain. The "
+          "commands above are the toy's (LPCAM_NO_PRETRAINED, a few epochs, later passes off): on VOC with a GPU, "
+          f"patch your checkout (`lpcam {info.name} patch`) and run its own pipeline with your settings "
+          f"(docs/hosts/{info.name}.md).")
     return 0
+
+
+#: How to get the CRF the IRN family's cam_to_ir_label (and CLIP-ES's CRF eval) use.
+CRF_INSTALL = "pip install pydensecrf2 (lpcam's hosts extra: pip install '/path/to/lpcam[hosts]')"
+
+
+def require_modules(info: HostInfo, modules: dict[str, str], extra: str) -> None:
+    """Refuse a try path up front when a module the host imports is missing: ``{module: pip package}``, and
+    the lpcam extra that installs them."""
+    missing = {m: p for m, p in modules.items() if not hooks.installed(m)}
+    if missing:
+        raise ValueError(f"{info.title} needs {', '.join(missing)}: pip install {' '.join(missing.values())} "
+                         f"(lpcam's {extra} extra: pip install '/path/to/lpcam[{extra}]')")
+
+
+def command_line(env: dict[str, str], script: str, argv: list[str]) -> str:
+    """``K=V ... python script argv`` as a shell would take it back (quoted where needed)."""
+    return shlex.join([*(f"{k}={v}" for k, v in env.items()), "python", script, *argv])
 
 
 def report(text: str = "") -> None:
@@ -281,6 +300,7 @@ def try_mctformer(info: HostInfo, host_dir: str, out: str, *, images: int = 20, 
     """The try path for MCTformer: main.py trains, generates (LPCAM=0, then the swap) and evaluation.py scores."""
     from . import cli
 
+    require_modules(info, {"timm": "timm"}, "mctformer")
     checkout = cli.check_checkout(host_dir, info)
     models_py = (checkout / "models.py").read_text(encoding="utf-8", errors="replace")
     plus = "class MCTformerPlus" in models_py
@@ -309,9 +329,8 @@ def try_mctformer(info: HostInfo, host_dir: str, out: str, *, images: int = 20, 
     results = {}
     with open(log, "w", encoding="utf-8") as log_file:
         for title, extra_env, name, argv in steps:
-            shown = " ".join(f"{k}={v}" for k, v in extra_env.items())
-            report(f"\n  {title}, in {work} (inside lpcam_adapters.cpu.cuda_as_cpu):\n    {shown} python {name} "
-                   f"{' '.join(argv)}")
+            report(f"\n  {title}, in {work} (inside lpcam_adapters.cpu.cuda_as_cpu):\n"
+                   f"    {command_line(extra_env, name, argv)}")
             start = time.perf_counter()
             proc = setup.run(name, argv, extra_env, log_file, timeout)
             if proc is None:

@@ -9,9 +9,9 @@ make_sem_seg_labels: GPU). Writes ``results.json`` and ``table.md`` to ``--out``
 
 Examples::
 
-    # a trained IRN checkpoint (sess/res50_cam.pth from IRN's train_cam), one GPU or more
+    # a trained IRN checkpoint (IRN's train_cam writes sess/res50_cam.pth.pth), one GPU or more
     python benchmarks/irn.py --host .hosts/irn --voc12-root VOCdevkit/VOC2012 \\
-        --weights sess/res50_cam.pth --out bench_out/irn [--masks]
+        --weights sess/res50_cam.pth.pth --out bench_out/irn [--masks]
     # train IRN's classifier first (GPU)
     python benchmarks/irn.py --host .hosts/irn --voc12-root VOCdevkit/VOC2012 --train --out bench_out/irn
     # plumbing check on CPU, synthetic data, random weights (numbers meaningless), a few minutes
@@ -218,7 +218,8 @@ def main_for(bench: Bench, argv: list[str] | None = None, add_args=None, after_t
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default=f".hosts/{'irn' if bench.name == 'irn' else 'ReCAM'}", help="host checkout")
     parser.add_argument("--voc12-root", help="VOC2012 root (JPEGImages, SegmentationClass, ImageSets)")
-    parser.add_argument("--weights", help=f"trained CAM checkpoint (the host's {bench.weights_file})")
+    parser.add_argument("--weights", help=f"trained CAM checkpoint file, any name (IRN's train_cam writes "
+                        f"sess/res50_cam.pth.pth; the benchmark links it in as {bench.weights_file})")
     parser.add_argument("--train", action="store_true", help="run the host's own classifier training first (GPU)")
     parser.add_argument("--masks", action="store_true", help="also the pseudo-mask stage (IRN's train_irn: GPU)")
     parser.add_argument("--smoke", action="store_true", help="synthetic data, random weights, CPU, a few minutes")

@@ -1,4 +1,4 @@
-"""Peak memory of the IRN adapter's prototype building on a VOC-train-sized stream (issue 4's bar).
+"""Peak memory of the IRN adapter's prototype building on a VOC-train-sized stream, against the memory budget.
 
 Runs :func:`lpcam_adapters.base.prototype_bank` (the function ``import lpcam_adapters.irn`` and
 ``lpcam irn prototypes`` call: DataLoader, baseline CAM files read from disk, stage-4 features

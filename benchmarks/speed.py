@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Speed and memory of lpcam_core against the official release's algorithms (issue 2), side by side.
+"""Speed and memory of lpcam_core against the official release's algorithms, side by side.
 
 Three measurements, each against its baseline in the same run (interleaved repeats, medians):
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .classifier import as_linear_weight, classifier_fingerprint
 from .config import short_repr
+from .io import load_refusal
 from .version import __version__
 
 __all__ = ["PrototypeBank", "BankError", "classifier_fingerprint", "check_replaceable"]
@@ -257,7 +258,7 @@ class PrototypeBank:
             raise
         except Exception as err:  # foreign bytes fail anywhere in the unpickler (IndexError, KeyError, ...)
             raise BankError(
-                f"{path}: not a readable LPCAM prototype bank (truncated or foreign file: {type(err).__name__}: {err})"
+                f"{path}: not a readable LPCAM prototype bank (truncated or foreign file: {load_refusal(err)})"
             ) from None
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise BankError(f"{path}: not an LPCAM prototype bank (no '{FORMAT}' marker)")

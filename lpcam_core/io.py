@@ -39,6 +39,7 @@ __all__ = [
     "writer_mark",
     "read_id_list",
     "load_label_png",
+    "load_refusal",
 ]
 
 logger = logging.getLogger(__name__)
@@ -506,3 +507,18 @@ def load_label_png(path: PathLike) -> np.ndarray:
     except Exception as e:  # OSError, PIL's DecompressionBombError (a tiny file claiming a huge image), ...
         raise ValueError(f"cannot read label PNG {str(p)!r}: {type(e).__name__}: {_short(e)}") from None
     return arr
+
+
+def load_refusal(err: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in one short line: torch's own message advises
+    loading it again with ``weights_only=False``, which would run whatever code the file names."""
+    import re
+
+    text = str(err)
+    reason = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\s*\n|Check the documentation|$)", text, re.S)
+    if reason:
+        text = reason.group(1)
+    elif "weights_only" in text:
+        text = "it names objects a weights-only load does not build"
+    line = " ".join(text.split()).split(" Please ")[0][:200]  # torch's advice on allowing the globals: not ours
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__

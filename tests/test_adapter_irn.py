@@ -579,7 +579,7 @@ def test_all_zero_maps_and_untrained_banks_are_warned_about(mini, tmp_path, capl
     with caplog.at_level("WARNING"):
         base.write_lpcam(host, bank, str(tmp_path / "cancel.pt"), maps_data(dataset), str(tmp_path / "zero"),
                          mode="overwrite")
-    assert "LPCAM maps written are all zero" in caplog.text
+    assert "class maps written (one per class present in an image) are all zero" in caplog.text
     caplog.clear()
     cfg = LPCAMConfig.preset("voc", num_clusters=2, context_low=0.0, class_threshold=0.99999,
                              fallback_best_center=True)
@@ -660,3 +660,21 @@ def test_amp_overflow_is_named(mini, monkeypatch):
     monkeypatch.setitem(precision.AMP_DTYPES, "cpu", torch.float16)
     with pytest.raises(ValueError, match=r"--amp: the features of 2007_000000 overflowed under autocast"):
         host.multiscale_features(item)
+
+
+def test_make_without_its_bank_says_to_run_prototypes_first_and_writes_nothing(tmp_path):
+    from lpcam_core.cli import build_parser
+
+    out, bank = tmp_path / "cam", tmp_path / "bank.pt"
+    argv = ["irn", "make", "--host", str(tmp_path), "--voc12-root", str(tmp_path), "--weights", "w.pth",
+            "--bank", str(bank), "--out", str(out)]
+    ns = build_parser(argv).parse_args(argv)
+    with pytest.raises(FileNotFoundError, match=r"--bank .*bank.pt: no such file; build it first with `lpcam irn "
+                                                r"prototypes"):
+        ns.func(ns)
+    assert not out.exists()
+
+
+def test_a_voc_root_without_images_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"voc12_root {tmp_path}: no JPEGImages folder"):
+        irn_family.voc_datasets("voc12/train.txt", None, str(tmp_path), [1.0])

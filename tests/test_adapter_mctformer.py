@@ -590,7 +590,7 @@ def test_all_zero_maps_the_engine_saves_are_warned_about(host_run, caplog):
         mct.generate(_engine_with_a_zero_map, run.loader(), run.model, "cpu", run.args, _settings())
     warned = [r.getMessage() for r in caplog.records if "all zero" in r.getMessage()]
     maps = sum(len(load_mctformer_cam(run.tmp / "out" / f"{i}.npy")) for i in run.ids) + 2
-    assert len(warned) == 1 and warned[0].startswith("1 of ") and f" of {maps} LPCAM maps" in warned[0], warned
+    assert len(warned) == 1 and warned[0].startswith("1 of ") and f" of the {maps} class maps" in warned[0], warned
     import numpy
 
     assert globals()["np"] is numpy and numpy.save is real_save, "the engine's numpy is restored"

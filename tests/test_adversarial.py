@@ -529,6 +529,7 @@ def test_host_labels_of_the_wrong_shape_or_values_are_named(tmp_path, monkeypatc
     loader.decode_int_filename = lambda n: f"{str(int(n))[:4]}_{str(int(n))[4:]}"
     monkeypatch.setitem(sys.modules, "voc12.dataloader", loader)
     (tmp_path / "list.txt").write_text("2007_000032\n2007_000039\n")
+    (tmp_path / "JPEGImages").mkdir()
     with pytest.raises(ValueError, match=message) as exc:
         irn_family.voc_datasets(str(tmp_path / "list.txt"), None, str(tmp_path), (1.0,))
     assert "cls_labels.npy" in str(exc.value)

@@ -168,3 +168,25 @@ def test_check_classes_and_summary(bank):
     assert len(rows) == 5
     assert [r["class_prototypes"] for r in rows] == [3, 0, 3, 3, 0]
     assert [r["context_prototypes"] for r in rows] == [2, 0, 2, 0, 0]
+
+
+def test_a_refused_file_is_named_without_torchs_advice_to_load_it_unsafely(tmp_path):
+    """torch's refusal says to retry with weights_only=False (which runs the file's code): lpcam's message
+    keeps only why the file was refused."""
+    import argparse
+
+    import pytest
+
+    from lpcam_core import PrototypeBank
+    from lpcam_core.bank import BankError
+
+    text, code = tmp_path / "notes.pt", tmp_path / "code.pt"
+    text.write_text("# a README, not a bank\n")
+    torch.save({"x": argparse.Namespace(a=1)}, code)  # a pickle naming a class: code a full load would run
+    for path, reason in ((text, "Unsupported operand"), (code, "global")):
+        with pytest.raises(BankError) as err:
+            PrototypeBank.load(path)
+        message = str(err.value)
+        assert str(path) in message and reason.lower() in message.lower(), message
+        assert "weights_only" not in message and "Re-running" not in message and "\n" not in message
+        assert "add_safe_globals" not in message

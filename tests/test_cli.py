@@ -154,3 +154,62 @@ def test_explain_describes_the_hosts_own_patch_whatever_was_imported_last(host, 
         assert main([host, "--explain"]) == 0
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step.make_cam:run")]
     assert len(row) == 1 and own_words in row[0], row
+
+
+@pytest.mark.parametrize("host, module, extra", [("mctformer", "timm", "mctformer"), ("clip-es", "ttach", "clip-es"),
+                                                 ("amn", "pydensecrf", "hosts")])
+def test_try_refuses_up_front_when_a_host_module_is_missing(host, module, extra, tmp_path, monkeypatch, capsys):
+    """A missing host dependency is named with the pip line before any data is written or anything trains
+    (a stand-in lpcam serves for an import does not count as installed)."""
+    from lpcam_adapters import hooks
+    from lpcam_core.cli import main
+
+    real = hooks.installed
+    monkeypatch.setattr(hooks, "installed", lambda name: name != module and real(name))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        main([host, "try", str(tmp_path / "checkout"), "--out", str(out)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert module in err and f"/path/to/lpcam[{extra}]" in err
+    assert not out.exists()
+
+
+def test_try_prints_commands_a_shell_takes_back_as_run():
+    import shlex
+
+    from lpcam_adapters.trial import command_line
+
+    argv = ["--comment", "lpcam try own", "--list", "voc12/train_id.txt", "--x", "it's"]
+    line = command_line({"LPCAM": "0", "LPCAM_MU_F": "0"}, "evaluation.py", argv)
+    assert shlex.split(line) == ["LPCAM=0", "LPCAM_MU_F=0", "python", "evaluation.py", *argv]
+    assert command_line({}, "main.py", ["--a", "1"]) == "python main.py --a 1"
+
+
+def test_eval_names_the_flag_of_a_missing_directory(tmp_path, capsys):
+    from lpcam_core.cli import main
+
+    (tmp_path / "cams").mkdir()
+    (tmp_path / "list.txt").write_text("a\n")
+    with pytest.raises(SystemExit):
+        main(["eval", "--cams", str(tmp_path / "cams"), "--gt", str(tmp_path / "nowhere"), "--list",
+              str(tmp_path / "list.txt")])
+    err = capsys.readouterr().err
+    assert "--gt" in err and "nowhere" in err
+
+
+def test_a_path_that_is_not_a_checkout_is_named_for_what_it_is(tmp_path):
+    from lpcam_adapters import irn
+    from lpcam_adapters.cli import check_checkout
+
+    with pytest.raises(ValueError, match="is not a IRN .* checkout: it has no step/make_cam.py"):
+        check_checkout(tmp_path, irn.INFO)
+    (tmp_path / "step").mkdir()
+    (tmp_path / "step" / "make_cam.py").write_text("print('another project')\n")
+    with pytest.raises(ValueError, match="step/make_cam.py does not contain 'def _work'"):
+        check_checkout(tmp_path, irn.INFO)
+    (tmp_path / "README.md").write_text("x")
+    with pytest.raises(FileNotFoundError, match="README.md: not a directory"):
+        check_checkout(tmp_path / "README.md", irn.INFO)
+    with pytest.raises(FileNotFoundError, match="nowhere: no such directory"):
+        check_checkout(tmp_path / "nowhere", irn.INFO)

@@ -180,6 +180,37 @@ def test_gallery_rows_say_what_their_patches_show(tmp_path):
     for row in rows:
         proto = (bank.foreground if row["kind"] == "class" else bank.context)[row["class"]][row["index"]]
         names = {PART_NAMES[int(proto.argmax())], "mixed", "other object", "border"}
+        if row["kind"] == "class":
+            names.add(f"beside {PART_NAMES[int(proto.argmax())]}")
         assert row["part"] in names, row  # a head prototype's patches are not called background
         if row["part"] not in ("mixed", "other object", "border"):
             assert row["share"] >= 0.5
+
+
+def test_a_background_cell_next_to_its_class_head_is_named_beside_it():
+    """The gallery's naming rule on a hand-made image: a head disc of class 1 at (20, 20), another class's
+    head at (20, 50), background elsewhere; cells are 4 px, the window 16 px."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from lpcam_core.demo.pipeline import cell_part
+    from lpcam_core.demo.synthetic import PART_NAMES
+
+    yy, xx = np.mgrid[:64, :64]
+    parts = np.zeros((1, 64, 64), np.uint8)
+    masks = np.zeros((1, 64, 64), np.uint8)
+    for (cy, cx), label in (((20, 20), 2), ((20, 50), 3)):  # classes 1 and 2 (mask = class + 1)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= 25
+        parts[0][disc], masks[0][disc] = 1, label
+    split = SimpleNamespace(parts=parts, masks=masks)
+
+    def name(y, x, window):
+        return cell_part(split, 0, y, x, 4.0, 4.0, 1, PART_NAMES, window=window)
+
+    assert name(5, 5, 16) == "head"  # the cell [20, 24) x [20, 24) lies on the disc
+    assert name(5, 7, 0) == "background"  # beside the head, no window asked
+    assert name(5, 7, 16) == "beside head"  # the cell [20, 24) x [28, 32): background, the head in sight
+    assert name(5, 10, 16) == "background"  # the other class's head is not this class's
+    assert name(12, 2, 16) == "background"  # far from any head
+    assert name(5, 12, 16) == "other object"  # on the other class's head

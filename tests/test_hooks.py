@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import logging
 import subprocess
@@ -228,6 +229,20 @@ def test_fallback_only_when_module_is_missing(fake_host):
     statuses = {p.module: p.status for p in hooks.describe_patches(pkg)}
     assert statuses[missing].startswith("active")
     assert statuses[f"{pkg}.mod"].startswith("inactive")
+
+
+def test_installed_does_not_count_a_stand_in(fake_host):
+    """find_spec reports lpcam's stand-in as importable; ``installed`` asks whether the real module is there
+    (what the try paths decide the CRF step and their up-front refusals on)."""
+    pkg, _ = fake_host
+    missing = f"{pkg}_crf"
+    with hooks.scoped():
+        hooks.register_fallback(missing, lambda m: None)
+        assert importlib.util.find_spec(missing) is not None  # the stand-in
+        assert not hooks.installed(missing)
+        importlib.import_module(missing)  # served, and still not the real one
+        assert not hooks.installed(missing)
+        assert hooks.installed(pkg) and hooks.installed("json")
 
 
 def test_scoped_drops_served_fallbacks(fake_host):

@@ -16,6 +16,7 @@ def _baseline_dir_with_files(tmp_path):
     bank = tmp_path / "res" / "lpcam_bank.pt"
     baseline = tmp_path / "res" / "lpcam_bank_baseline"
     baseline.mkdir(parents=True)
+    bank.write_bytes(b"")  # present: `make` checks for its bank before anything else
     (baseline / "2007_000032.npy").write_bytes(b"baseline CAM")
     voc = tmp_path / "VOC2012"
     (voc / "JPEGImages").mkdir(parents=True)
@@ -182,7 +183,7 @@ def test_patch_refuses_what_is_not_the_hosts_checkout(tmp_path):
 
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "run_sample.py").write_text("import argparse\nprint('another project')\n")
-    with pytest.raises(ValueError, match="is not a IRN .* checkout: step/make_cam.py"):
+    with pytest.raises(ValueError, match="is not a IRN .* checkout: it has no step/make_cam.py"):
         cli.patch_entry_script(tmp_path / "other", irn.INFO)
     assert (tmp_path / "other" / "run_sample.py").read_text().startswith("import argparse")
     (tmp_path / "amn").mkdir()
@@ -306,6 +307,7 @@ def test_unknown_image_id_in_a_list_names_it(tmp_path, monkeypatch):
     loader.decode_int_filename = lambda n: f"{str(int(n))[:4]}_{str(int(n))[4:]}"
     monkeypatch.setitem(sys.modules, "voc12.dataloader", loader)
     (tmp_path / "list.txt").write_text("2099_000001\n")
+    (tmp_path / "JPEGImages").mkdir()
     with pytest.raises(ValueError, match=r"list.txt: image 2099_000001 has no labels in voc12/cls_labels.npy"):
         irn_family.voc_datasets(str(tmp_path / "list.txt"), None, str(tmp_path), (1.0,))
     with pytest.raises(FileNotFoundError, match="image list not found"):

@@ -318,12 +318,12 @@ def train_classifier(model, split: SyntheticSplit, settings: DemoSettings, progr
     return losses
 
 
-def _batches(x, labels: np.ndarray, batch: int):
-    """``(images [B, 3, H, W], multi-hot labels [B, n])`` batches for :meth:`LPCAM.fit`."""
+def _batches(x, labels: np.ndarray, batch: int) -> list:
+    """``(images [B, 3, H, W], multi-hot labels [B, n])`` batches for :meth:`LPCAM.fit` (a list: views of ``x``,
+    and a length for the progress bar)."""
     import torch
 
-    for start in range(0, len(x), batch):
-        yield x[start: start + batch], torch.from_numpy(labels[start: start + batch])
+    return [(x[start: start + batch], torch.from_numpy(labels[start: start + batch])) for start in range(0, len(x), batch)]
 
 
 def _extractor(model, settings: DemoSettings, bank=None):
@@ -700,7 +700,9 @@ def prototype_gallery(bank, train: SyntheticSplit, features, classes: Sequence[i
     The paper's "head / leg / body" picture: each row is one prototype, its patches are the
     feature cells (of the first ``len(features)`` training images) of highest cosine similarity
     to it, at most one per image. With part maps, each row is named after the part that covers at least
-    half of most of its cells (:func:`cell_part`), else ``mixed``.
+    half of most of its cells (:func:`cell_part`), else ``mixed``; a class prototype whose cells lie on
+    background within a patch of a part of its class is named ``beside <part>`` (a feature sees its
+    receptive field, not only its cell: the blur of the CAM that filled the class pool).
 
     Args:
         bank: The prototype bank.
@@ -739,7 +741,8 @@ def prototype_gallery(bank, train: SyntheticSplit, features, classes: Sequence[i
                     cy, cx = int((y + 0.5) * stride_y), int((x + 0.5) * stride_x)
                     tiles.append(_patch(train.images[j], cy, cx, patch))
                     if train.parts is not None:
-                        hits.append(cell_part(train, j, y, x, stride_y, stride_x, cls, PART_NAMES))
+                        hits.append(cell_part(train, j, y, x, stride_y, stride_x, cls, PART_NAMES,
+                                              window=patch if kind == "class" else 0))
                 while len(tiles) < per_row:
                     tiles.append(np.full((patch, patch, 3), 255, np.uint8))
                 name, share = "", 0.0
@@ -757,10 +760,12 @@ def prototype_gallery(bank, train: SyntheticSplit, features, classes: Sequence[i
 
 
 def cell_part(split: SyntheticSplit, index: int, y: int, x: int, stride_y: float, stride_x: float, cls: int,
-              names: dict[int, str]) -> str:
+              names: dict[int, str], window: int = 0) -> str:
     """What feature cell ``(y, x)`` of image ``index`` (the image area the prototype's similarity was taken over)
     covers: the part (or background) holding at least half of its labelled pixels, ``"other object"`` when that
-    part belongs to another class's object, ``"mixed"`` when nothing holds half."""
+    part belongs to another class's object, ``"mixed"`` when nothing holds half. With ``window`` (pixels), a
+    background cell is ``"beside <part>"`` when a part of class ``cls`` holds at least a tenth of the
+    ``window`` x ``window`` square around the cell's centre (the part the cell's feature sees)."""
     y0, x0 = int(y * stride_y), int(x * stride_x)
     y1, x1 = max(int((y + 1) * stride_y), y0 + 1), max(int((x + 1) * stride_x), x0 + 1)
     part = split.parts[index, y0:y1, x0:x1].ravel()
@@ -773,7 +778,7 @@ def cell_part(split: SyntheticSplit, index: int, y: int, x: int, stride_y: float
         return "mixed"
     value = int(values[counts.argmax()])
     if value == 0:
-        return names[0]
+        return _beside(split, index, (y + 0.5) * stride_y, (x + 0.5) * stride_x, window, cls, names) or names[0]
     on = mask[valid & (part == value)]
     return names[value] if np.mean(on == cls + 1) >= 0.5 else "other object"
 
@@ -847,7 +852,8 @@ def write_report(out_dir: str | os.PathLike, results: dict[str, Any], artifacts:
         Image.fromarray(picture).save(out / "prototypes.png")
         pictures.append(("Prototype gallery", "prototypes.png",
                          "one row per prototype of the first classes (class and context prototypes): the "
-                         "training patches nearest to it, named after the part most of them fall on"))
+                         "training patches nearest to it, named after the part most of them fall on (\"beside head\": background "
+                         "cells next to the class's head, which their features see)"))
 
     data = settings["data"]
     lines = [
@@ -1036,3 +1042,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())
+
+
+def _beside(split: SyntheticSplit, index: int, cy: float, cx: float, window: int, cls: int,
+            names: dict[int, str]) -> str | None:
+    """``"beside <part>"`` for the part of class ``cls`` holding the most (at least a tenth) of the
+    ``window``-pixel square centred on ``(cy, cx)``, else None."""
+    if window <= 0:
+        return None
+    height, width = split.parts.shape[1:3]
+    y0, x0 = max(0, int(cy - window / 2)), max(0, int(cx - window / 2))
+    y1, x1 = min(height, int(cy + window / 2)), min(width, int(cx + window / 2))
+    part = split.parts[index, y0:y1, x0:x1]
+    own = (split.masks[index, y0:y1, x0:x1] == cls + 1) & (part != 255) & (part != 0)
+    if not own.any():
+        return None
+    values, counts = np.unique(part[own], return_counts=True)
+    if counts.max() < 0.1 * part.size:
+        return None
+    return f"beside {names[int(values[counts.argmax()])]}"

@@ -581,7 +581,7 @@ def _file_samples(
 ) -> Iterator[tuple[str, Any, np.ndarray, np.ndarray]]:
     """Yield ``(id, keys, high_res, gt)``, reading each CAM file and label PNG exactly once."""
     cams, gts = Path(cam_dir), Path(gt_dir)
-    for name, d in (("cam_dir", cams), ("gt_dir", gts)):
+    for name, d in (("--cams (cam_dir)", cams), ("--gt (gt_dir)", gts)):
         if not d.is_dir():
             raise FileNotFoundError(f"{name} {str(d)!r} is not an existing directory")
     for image_id in tqdm(ids, total=len(ids), disable=None if progress else True, desc="eval seeds"):
