@@ -345,19 +345,17 @@ def report_unread(environ: Mapping[str, str], options: Sequence[Option] = (), ho
     ``LPCAM_WORKERS`` for MCTformer). Returns the variables reported by this call.
     """
     known = (set(COMMON_ENV) | {var for var, _, _ in _CORE_VARS} | {o.env for o in options}) - set(unread)
-    unread = sorted(var for var, value in environ.items() if var.startswith("LPCAM_") and str(value).strip()
-                    and var not in known and var not in OTHER_VARS and var not in UNREAD_REPORTED)
-    if not unread or multiprocessing.parent_process() is not None or os.environ.get("RANK", "0") != "0":
+    ignored = sorted(var for var, value in environ.items() if var.startswith("LPCAM_") and str(value).strip()
+                     and var not in known and var not in OTHER_VARS and var not in UNREAD_REPORTED)
+    if not ignored or multiprocessing.parent_process() is not None or os.environ.get("RANK", "0") != "0":
         return []  # spawned workers and torchrun ranks > 0 read the same variables as the process that reported
-    for var in unread:
+    for var in ignored:
         UNREAD_REPORTED.add(var)
         close = difflib.get_close_matches(var[6:], sorted(k[6:] for k in known), n=1, cutoff=0.75)  # after LPCAM_
-        close = ["LPCAM_" + c for c in close]
-        logger.warning("%s is set but %s no such setting, so it changes nothing%s%s", var,
-                       f"{host} reads" if host else "these settings read",
-                       f" (did you mean {close[0]}?)" if close else " (a typo, or another host's setting?)",
+        logger.warning("%s is set but %s does not read it, so it changes nothing%s%s", var, host or "this host",
+                       f" (did you mean LPCAM_{close[0]}?)" if close else " (a typo, or another host's setting?)",
                        f"; `lpcam {host} --explain` lists what {host} reads" if host else "")
-    return unread
+    return ignored
 
 
 def _check_device(device: str) -> None:

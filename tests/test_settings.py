@@ -118,7 +118,7 @@ def test_unread_variables_are_reported_once_with_the_likely_name(monkeypatch, ca
     assert s.lpcam.class_threshold == LPCAMConfig.preset("voc").class_threshold  # the typo changed nothing
     assert s.options["colour"] == "blue" and s.lpcam.num_clusters == 4
     text = caplog.text
-    assert "LPCAM_MUF is set but demo reads no such setting" in text and "did you mean LPCAM_MU_F?" in text
+    assert "LPCAM_MUF is set but demo does not read it" in text and "did you mean LPCAM_MU_F?" in text
     assert "LPCAM_AMN_STAGES is set" in text and "another host's setting" in text and "lpcam demo --explain" in text
     for read_or_allowed in ("LPCAM_COLOUR", "LPCAM_HOSTS", "LPCAM_K", "LPCAM_BLANK"):
         assert read_or_allowed not in text
@@ -137,7 +137,7 @@ def test_an_option_of_another_host_is_reported_where_it_is_not_read(monkeypatch,
         hs.read_settings((irn_family.AMP,), {"LPCAM_AMP": "1"}, host="irn")
         assert caplog.text == ""
         mctformer.settings_for(None, {"LPCAM_AMP": "1"})
-    assert "LPCAM_AMP is set but mctformer reads no such setting" in caplog.text
+    assert "LPCAM_AMP is set but mctformer does not read it" in caplog.text
 
 
 @pytest.mark.parametrize("key, value, named", [("scales", "[1.0]", "--cam_scales"),
@@ -164,8 +164,8 @@ def test_common_variables_a_host_does_not_read_are_reported_and_left_out_of_expl
         assert caplog.text == ""
         mctformer.settings_for(None, {"LPCAM_WORKERS": "2"})
         clip_es.settings_for({"LPCAM_BASELINE_DIR": "b"})
-    assert "LPCAM_WORKERS is set but mctformer reads no such setting" in caplog.text
-    assert "LPCAM_BASELINE_DIR is set but clip-es reads no such setting" in caplog.text
+    assert "LPCAM_WORKERS is set but mctformer does not read it" in caplog.text
+    assert "LPCAM_BASELINE_DIR is set but clip-es does not read it" in caplog.text
     assert "LPCAM_WORKERS" in explain_text(irn.INFO)
     for info in (mctformer.INFO, clip_es.INFO):
         text = explain_text(info)
