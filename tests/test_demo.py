@@ -214,3 +214,25 @@ def test_a_background_cell_next_to_its_class_head_is_named_beside_it():
     assert name(5, 10, 16) == "background"  # the other class's head is not this class's
     assert name(12, 2, 16) == "background"  # far from any head
     assert name(5, 12, 16) == "other object"  # on the other class's head
+
+
+def test_beside_names_the_nearest_part_not_the_largest():
+    """A small head next to the cell and a large body further off in the same window: the cell is beside
+    the head (what the gallery's patch shows next to its centre)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from lpcam_core.demo.pipeline import cell_part
+    from lpcam_core.demo.synthetic import PART_NAMES
+
+    yy, xx = np.mgrid[:64, :64]
+    parts = np.zeros((1, 64, 64), np.uint8)
+    head = (yy - 20) ** 2 + (xx - 20) ** 2 <= 25
+    parts[0][head] = 1
+    parts[0, 30:45, 0:45] = 2  # the body: more pixels in the window than the head
+    masks = np.where(parts > 0, 2, 0).astype(np.uint8)  # all of class 1
+    split = SimpleNamespace(parts=parts, masks=masks)
+    window = (slice(10, 34), slice(18, 42))  # the 24-px window around cell (5, 7)
+    assert (parts[0][window] == 2).sum() > (parts[0][window] == 1).sum()
+    assert cell_part(split, 0, 5, 7, 4.0, 4.0, 1, PART_NAMES, window=24) == "beside head"

@@ -764,8 +764,8 @@ def cell_part(split: SyntheticSplit, index: int, y: int, x: int, stride_y: float
     """What feature cell ``(y, x)`` of image ``index`` (the image area the prototype's similarity was taken over)
     covers: the part (or background) holding at least half of its labelled pixels, ``"other object"`` when that
     part belongs to another class's object, ``"mixed"`` when nothing holds half. With ``window`` (pixels), a
-    background cell is ``"beside <part>"`` when a part of class ``cls`` holds at least a tenth of the
-    ``window`` x ``window`` square around the cell's centre (the part the cell's feature sees)."""
+    background cell is ``"beside <part>"``, the part of class ``cls`` nearest to the cell's centre within the
+    ``window`` x ``window`` square around it (what the cell's feature sees beside background)."""
     y0, x0 = int(y * stride_y), int(x * stride_x)
     y1, x1 = max(int((y + 1) * stride_y), y0 + 1), max(int((x + 1) * stride_x), x0 + 1)
     part = split.parts[index, y0:y1, x0:x1].ravel()
@@ -853,7 +853,7 @@ def write_report(out_dir: str | os.PathLike, results: dict[str, Any], artifacts:
         pictures.append(("Prototype gallery", "prototypes.png",
                          "one row per prototype of the first classes (class and context prototypes): the "
                          "training patches nearest to it, named after the part most of them fall on (\"beside head\": background "
-                         "cells next to the class's head, which their features see)"))
+                         "cells next to that part of the class, which their features see)"))
 
     data = settings["data"]
     lines = [
@@ -1046,8 +1046,8 @@ if __name__ == "__main__":  # pragma: no cover
 
 def _beside(split: SyntheticSplit, index: int, cy: float, cx: float, window: int, cls: int,
             names: dict[int, str]) -> str | None:
-    """``"beside <part>"`` for the part of class ``cls`` holding the most (at least a tenth) of the
-    ``window``-pixel square centred on ``(cy, cx)``, else None."""
+    """``"beside <part>"`` for the part of class ``cls`` nearest to ``(cy, cx)`` within the ``window``-pixel
+    square centred there, else None."""
     if window <= 0:
         return None
     height, width = split.parts.shape[1:3]
@@ -1057,7 +1057,6 @@ def _beside(split: SyntheticSplit, index: int, cy: float, cx: float, window: int
     own = (split.masks[index, y0:y1, x0:x1] == cls + 1) & (part != 255) & (part != 0)
     if not own.any():
         return None
-    values, counts = np.unique(part[own], return_counts=True)
-    if counts.max() < 0.1 * part.size:
-        return None
-    return f"beside {names[int(values[counts.argmax()])]}"
+    ys, xs = np.nonzero(own)
+    nearest = int(np.argmin((ys + y0 + 0.5 - cy) ** 2 + (xs + x0 + 0.5 - cx) ** 2))
+    return f"beside {names[int(part[ys[nearest], xs[nearest]])]}"
