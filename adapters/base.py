@@ -158,13 +158,13 @@ class Datasets:
 
 
 def resolve_workers(settings: HostSettings) -> int:
-    """Processes to spawn for the image loops: the setting, else one per GPU (0, in-process, on a CPU machine
-    and under torchrun, which launched the processes itself)."""
+    """Processes to spawn for the image loops: the setting, else one per GPU (0, in-process: on a CPU machine,
+    with a device named, and under torchrun, which launched the processes itself)."""
     from lpcam_core import run
 
     if settings.workers is not None:
         return settings.workers
-    if run.launched_by_torchrun():
+    if settings.device is not None or run.launched_by_torchrun():
         return 0
     import torch
 

@@ -721,7 +721,8 @@ def add_steps(sub: Any, info: base.HostInfo, plan: Any, *, weights_help: str, ne
         p.add_argument("--network", default=network, help=f"host network module (default {network})")
         p.add_argument("--scales", type=scale_value, nargs="+", default=[1.0, 0.5, 1.5, 2.0],
                        help="inference scales (each in (0, 16])")
-        p.add_argument("--workers", type=int, help="spawned processes (default: one per GPU; 0: in-process); "
+        p.add_argument("--workers", type=int, help="spawned processes (default: one per GPU, or in-process when --device "
+                       "names one; 0: in-process); "
                        "not with torchrun, which launches the processes itself")
         p.add_argument("--device", help="device (default: cuda:<rank> when there are GPUs, else cpu)")
         p.add_argument("--loader-workers", type=count_value, default=0, help="DataLoader workers per process (>= 0)")

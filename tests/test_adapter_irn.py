@@ -206,7 +206,7 @@ def test_default_paths_and_thresholds():
 @pytest.mark.parametrize("step", ["prototypes", "make"])
 def test_explicit_steps_spawn_one_process_per_gpu_by_default(step, tmp_path, monkeypatch):
     """``lpcam irn prototypes|make`` on N GPUs: N workers unless --workers says otherwise; in-process on a
-    CPU machine and under torchrun (which launched the processes)."""
+    CPU machine, with --device (one device named), and under torchrun (which launched the processes)."""
     import contextlib
 
     from lpcam_core.cli import build_parser
@@ -219,7 +219,7 @@ def test_explicit_steps_spawn_one_process_per_gpu_by_default(step, tmp_path, mon
     argv = ["irn", step, "--host", str(tmp_path), "--voc12-root", str(tmp_path / "voc"), "--weights", "w.pth"]
     argv += ["--bank", str(tmp_path / "b.pt")] if step == "prototypes" else ["--baseline", "--out", str(tmp_path / "o")]
     for env, gpus, flag, expected in (({}, 2, [], 2), ({}, 0, [], 0), ({"RANK": "0", "WORLD_SIZE": "2"}, 2, [], 0),
-                                      ({}, 2, ["--workers", "3"], 3)):
+                                      ({}, 2, ["--workers", "3"], 3), ({}, 2, ["--device", "cpu"], 0)):
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             monkeypatch.delenv(key, raising=False)
         for key, value in env.items():
