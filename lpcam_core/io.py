@@ -242,6 +242,14 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_
     return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict())
 
 
+def _latin1_bytes(text: Any, encoding: Any = "latin1") -> bytes:
+    """``_codecs.encode`` as numpy pickles of protocol 2 use it for an array's raw bytes (the hosts' shipped
+    ``voc12/cls_labels.npy``): a str's latin-1 bytes, and nothing else."""
+    if not isinstance(text, str) or str(encoding).lower().replace("-", "").replace("_", "") != "latin1":
+        raise UnsafeFileError("it asks for _codecs.encode of something other than latin-1 text")
+    return text.encode("latin1")
+
+
 def _allowed_globals() -> dict[tuple[str, str], Any]:
     from collections import OrderedDict
 
@@ -255,6 +263,7 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     allowed[("numpy", "dtype")] = np.dtype
     allowed[("torch._utils", "_rebuild_tensor_v2")] = _rebuild_tensor
     allowed[("torch.storage", "_load_from_bytes")] = _torch_storage_from_bytes
+    allowed[("_codecs", "encode")] = _latin1_bytes
     return allowed
 
 

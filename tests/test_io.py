@@ -282,3 +282,37 @@ def test_write_host_lists_writes_what_each_host_reads(tmp_path, host):
     assert table[key].dtype == np.float32 and table[key].shape == (20,) and np.flatnonzero(table[key]).tolist() == [0, 14]
     with pytest.raises(ValueError, match="host"):
         write_host_lists("deeplab", tmp_path, labels, train=[], val=[])
+
+
+def _npy_of_pickle(path, payload: bytes) -> None:
+    """A .npy of a 0-d object array whose pickle is ``payload`` (as np.save writes a dict)."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|O", "fortran_order": False, "shape": ()})
+        f.write(payload)
+
+
+def test_protocol_2_label_files_load_as_numpy_does(tmp_path):
+    """The IRN family's shipped voc12/cls_labels.npy is a protocol-2 pickle: an array's bytes travel as
+    ``_codecs.encode(text, 'latin1')``. The safe reader builds the same dict as ``np.load(allow_pickle=True)``."""
+    import pickle
+
+    rng = np.random.default_rng(0)
+    labels = {2007000032 + i: (rng.random(20) > 0.8).astype(np.float32) for i in range(5)}
+    labels[2007000099] = np.array([1.0, 0.0, 0.5, 255.0] * 5, np.float32)  # bytes beyond ASCII
+    payload = pickle.dumps(np.array(labels, dtype=object), protocol=2)
+    assert b"_codecs" in payload and b"encode" in payload
+    _npy_of_pickle(tmp_path / "cls_labels.npy", payload)
+    got = lio.load_npy(tmp_path / "cls_labels.npy", what="host data")
+    want = np.load(tmp_path / "cls_labels.npy", allow_pickle=True).item()
+    assert got.keys() == want.keys() == labels.keys()
+    assert all(np.array_equal(got[k], labels[k]) and got[k].dtype == np.float32 for k in labels)
+
+
+def test_codecs_encode_is_allowed_for_latin1_text_only(tmp_path):
+    # _codecs.encode('abc', 'utf-8'), then _codecs.encode(b'abc', 'latin1'): neither is an array's bytes
+    utf8 = b"\x80\x02c_codecs\nencode\nq\x00X\x03\x00\x00\x00abcX\x05\x00\x00\x00utf-8\x86R."
+    not_text = b"\x80\x03c_codecs\nencode\nq\x00C\x03abcX\x06\x00\x00\x00latin1\x86R."
+    for name, payload in (("utf8.npy", utf8), ("bytes.npy", not_text)):
+        _npy_of_pickle(tmp_path / name, payload)
+        with pytest.raises(lio.UnsafeFileError, match="_codecs.encode of something other than latin-1 text"):
+            lio.load_npy(tmp_path / name)
