@@ -236,9 +236,12 @@ SETTINGS_FLAGS = (
 )
 
 
-def add_settings_flags(p: argparse.ArgumentParser, info: HostInfo) -> None:
-    """The core settings' flags (:data:`SETTINGS_FLAGS`) and a ``--<flag>`` for every host option that has one."""
+def add_settings_flags(p: argparse.ArgumentParser, info: HostInfo, *, clustering: bool = True) -> None:
+    """The core settings' flags (:data:`SETTINGS_FLAGS`) and a ``--<flag>`` for every host option that has one.
+    ``clustering=False`` (a step that only reads a bank): ``--config`` alone, the bank holds the rest."""
     for flag, _, kind, text in SETTINGS_FLAGS:
+        if not clustering and flag != "--config":
+            continue
         p.add_argument(flag, type=kind, help=text, **({"choices": ("voc", "coco")} if flag == "--preset" else {}))
     for option in info.options:
         if option.flag:

@@ -699,7 +699,12 @@ def cmd_make(ns: Any) -> int:
         host = ns.plan(ns, settings)
         host.amp = bool(settings.options.get("amp", False))
         if not ns.baseline:  # fail early on a bank of another checkpoint or host setting
-            host.check_bank(PrototypeBank.load(_abs(ns.bank), num_classes=host.num_classes), ns.bank)
+            bank = PrototypeBank.load(_abs(ns.bank), num_classes=host.num_classes)
+            host.check_bank(bank, ns.bank)
+            cfg = bank.meta.get("config") or {}
+            logger.info("LPCAM maps with the bank %s, built with K=%s, tau=%s, mu_f=%s, mu_b=%s (the bank's settings; "
+                        "`lpcam %s prototypes` changes them)", ns.bank, cfg.get("num_clusters"), cfg.get("fg_threshold"),
+                        cfg.get("class_threshold"), cfg.get("context_high"), info.name)
         data = voc_datasets(_list_path(ns.list), None, ns.voc12_root, ns.scales, loader_workers=ns.loader_workers)
         paths = {"bank_path": None if ns.baseline else _abs(ns.bank), "out_dir": out, "reads": reads,
                  "mode": "overwrite" if ns.overwrite else "resume", "thresholds": info.thresholds}
@@ -713,7 +718,7 @@ def add_steps(sub: Any, info: base.HostInfo, plan: Any, *, weights_help: str, ne
     """``prototypes`` and ``make`` of an IRN-family host; ``plan(ns, settings)`` loads its networks."""
     from .cli import add_settings_flags, count_value, scale_value
 
-    def common(p: argparse.ArgumentParser, bank_required: bool) -> None:
+    def common(p: argparse.ArgumentParser, bank_required: bool, clustering: bool) -> None:
         p.add_argument("--host", required=True, help="host checkout (run from its root: voc12/cls_labels.npy is read there)")
         p.add_argument("--voc12-root", required=True, help="VOC2012 root holding JPEGImages/")
         p.add_argument("--weights", required=weights_required, help=weights_help)
@@ -726,20 +731,20 @@ def add_steps(sub: Any, info: base.HostInfo, plan: Any, *, weights_help: str, ne
                        "not with torchrun, which launches the processes itself")
         p.add_argument("--device", help="device (default: cuda:<rank> when there are GPUs, else cpu)")
         p.add_argument("--loader-workers", type=count_value, default=0, help="DataLoader workers per process (>= 0)")
-        add_settings_flags(p, info)
+        add_settings_flags(p, info, clustering=clustering)  # make reads the bank: K, tau, mu... are the bank's
         if extra is not None:
             extra(p)
 
     import argparse
 
     pr = sub.add_parser("prototypes", help="baseline CAM of the prototype list and the prototype bank")
-    common(pr, True)
+    common(pr, True, clustering=True)
     pr.add_argument("--list", default="voc12/train.txt", help="prototype image list (relative to --host)")
     pr.add_argument("--baseline-dir", help=baseline_dir_help)
     pr.add_argument("--rebuild", action="store_true", help="rebuild even when a matching bank exists")
     pr.set_defaults(func=cmd_prototypes, info=info, plan=plan)
     mk = sub.add_parser("make", help="LPCAM maps (or --baseline CAM maps) in the host's file format")
-    common(mk, False)
+    common(mk, False, clustering=False)
     mk.add_argument("--list", default="voc12/train_aug.txt", help="image list (relative to --host)")
     mk.add_argument("--out", required=True, help="output directory (the host's CAM directory)")
     mk.add_argument("--baseline", action="store_true", help="the host's own CAM maps instead of LPCAM")

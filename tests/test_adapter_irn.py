@@ -678,3 +678,21 @@ def test_make_without_its_bank_says_to_run_prototypes_first_and_writes_nothing(t
 def test_a_voc_root_without_images_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"voc12_root {tmp_path}: no JPEGImages folder"):
         irn_family.voc_datasets("voc12/train.txt", None, str(tmp_path), [1.0])
+
+
+@pytest.mark.parametrize("host", ["irn", "recam", "amn"])
+def test_make_takes_no_clustering_flags_its_bank_decides_them(host, capsys):
+    """``make`` reads a bank: ``--k``/``--mu``/... would change nothing there, so only ``prototypes`` has them."""
+    from lpcam_core.cli import build_parser
+
+    common = ["--host", "h", "--voc12-root", "v", "--weights", "w", "--bank", "b"]
+    common += ["--ir-label-dir", "i"] if host == "amn" else []
+    prototypes = [host, "prototypes", *common, "--k", "5", "--mu", "0.5"]
+    assert build_parser(prototypes).parse_args(prototypes).k == 5
+    for flag, value in (("--k", "5"), ("--mu", "0.1"), ("--tau", "0.2"), ("--seed", "1"), ("--preset", "coco")):
+        make = [host, "make", *common, "--out", "o", flag, value]
+        with pytest.raises(SystemExit):
+            build_parser(make).parse_args(make)
+        assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
+    make = [host, "make", *common, "--out", "o", "--config", "c.yaml"]
+    assert build_parser(make).parse_args(make).config == "c.yaml"
