@@ -945,7 +945,7 @@ def _cmd_prototypes(ns: argparse.Namespace) -> int:
 
 
 def _cmd_make(ns: argparse.Namespace) -> int:
-    env = {"LPCAM": "0"} if ns.off else {"LPCAM": "1", "LPCAM_BUILD": ns.build}
+    env = {"LPCAM": "0"} if ns.off else {"LPCAM": "1", **({"LPCAM_BUILD": ns.build} if ns.build else {})}
     return _run_steps(ns, env)
 
 
@@ -967,7 +967,8 @@ def _steps(sub: Any) -> None:
     mk = sub.add_parser("make", help="MCTformer's attention-map generation with LPCAM (builds a missing bank)")
     common(mk)
     mk.add_argument("--flip", choices=("view", "feature"), help="per-view LPCAM (default) or feature-level flip fusion")
-    mk.add_argument("--build", choices=("auto", "never"), default="auto", help="build a missing bank (default) or fail")
+    mk.add_argument("--build", choices=("auto", "never"), help="build a missing bank (auto) or fail (never); "
+                    "default: LPCAM_BUILD, else auto")
     mk.add_argument("--off", action="store_true", help="the host's own maps (LPCAM=0)")
     mk.set_defaults(func=_cmd_make)
     from .trial import add_try_mctformer

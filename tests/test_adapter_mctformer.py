@@ -529,7 +529,12 @@ def test_cli_parses_steps_into_settings(monkeypatch):
     assert args.func(args) == 0
     host, argv, env = calls[0]
     assert host == "H" and argv == ["--model", "m", "--resume", "c.pth", "--gen_attention_maps"]
-    assert env == {"LPCAM_TAU": "0.2", "LPCAM_FLIP": "feature", "LPCAM_HEAD": "centre", "LPCAM": "1", "LPCAM_BUILD": "auto"}
+    # no --build: the run's LPCAM_BUILD (environment, YAML) decides, default auto
+    assert env == {"LPCAM_TAU": "0.2", "LPCAM_FLIP": "feature", "LPCAM_HEAD": "centre", "LPCAM": "1"}
+    args = parser.parse_args(["mctformer", "make", "--host", "H", "--build", "never", "--", "--model", "m"])
+    args.func(args)
+    assert calls[-1][2] == {"LPCAM": "1", "LPCAM_BUILD": "never"}
+    del calls[1:]
     args = parser.parse_args(["mctformer", "prototypes", "--host", "H", "--k", "6", "--", "--gen_attention_maps"])
     args.func(args)
     assert calls[1][1] == ["--gen_attention_maps"]
