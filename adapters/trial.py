@@ -216,11 +216,17 @@ def try_irn(info: HostInfo, host_dir: str, out: str, *, images: int = 20, size: 
         seconds = time.perf_counter() - start
         results.append((title, host_miou(proc.stdout), seconds, log))
         report(f"    finished in {seconds:.0f}s; host's eval mIoU {percent(results[-1][1])}; log {log}")
+        for line in lpcam_warnings(proc.stdout):
+            report(f"    {line}")
+    banks = ", ".join(str(p.relative_to(work)) for p in sorted(work.rglob("lpcam_bank*.pt")))
     report(f"\n  files: everything the host wrote is under {work} (weights, CAM folders of both runs, the bank "
-          "next to the LPCAM folder, its baseline CAMs of the prototype list)")
+          f"{banks or '(none)'}, its baseline CAMs of the prototype list)")
     report("\n  | run | host's eval mIoU (%) | seconds |\n  |---|---:|---:|")
     for title, miou, seconds, _ in results:
         report(f"  | {title} | {percent(miou)} | {seconds:.0f} |")
+    report("  Each run is scored by the host's own eval step at its threshold: " +
+           ("AMN's eval_amn_cam default for both." if info.name == "amn" else
+            "the host's default for LPCAM=0, --cam_eval_thres 0.30 (the value for LPCAM maps) for the swap."))
     report("\n  A briefly trained model on synthetic images: these numbers check the plumbing, not LPCAM's gain. The "
           "commands above are the toy's (LPCAM_NO_PRETRAINED, a few epochs, later passes off): on VOC with a GPU, "
           f"patch your checkout (`lpcam {info.name} patch`) and run its own pipeline with your settings "
@@ -239,6 +245,11 @@ def require_modules(info: HostInfo, modules: dict[str, str], extra: str) -> None
     if missing:
         raise ValueError(f"{info.title} needs {', '.join(missing)}: pip install {' '.join(missing.values())} "
                          f"(lpcam's {extra} extra: pip install '/path/to/lpcam[{extra}]')")
+
+
+def lpcam_warnings(output: str) -> list[str]:
+    """lpcam's warnings in a host run's output (``[lpcam] WARNING: ...`` lines), in order, once each."""
+    return list(dict.fromkeys(line.strip() for line in output.splitlines() if line.startswith("[lpcam] WARNING:")))
 
 
 def command_line(env: dict[str, str], script: str, argv: list[str]) -> str:

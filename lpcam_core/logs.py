@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-__all__ = ["configure_logging", "add_logger", "LOG_LEVEL_VAR"]
+__all__ = ["configure_logging", "add_logger", "LOG_LEVEL_VAR", "HostRunFormatter"]
 
 LOG_LEVEL_VAR = "LPCAM_LOG_LEVEL"
 _MARK = "lpcam_handler"
@@ -17,6 +17,14 @@ def add_logger(name: str) -> None:
     """Have :func:`configure_logging` show the messages of logger ``name`` too (a plugin package's)."""
     if name not in _LOGGERS:
         _LOGGERS.append(name)
+
+
+class HostRunFormatter(logging.Formatter):
+    """``[lpcam] message``; warnings and errors say so (``[lpcam] WARNING: ...``), so they stand out in a host's log."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = f"{record.levelname}: " if record.levelno >= logging.WARNING else ""
+        return f"[lpcam] {level}{super().format(record)}"  # the message, and a traceback when there is one
 
 
 def configure_logging() -> None:
@@ -35,7 +43,7 @@ def configure_logging() -> None:
         log = logging.getLogger(name)
         if not any(getattr(h, _MARK, False) for h in log.handlers):
             handler = logging.StreamHandler(sys.stdout)
-            handler.setFormatter(logging.Formatter("[lpcam] %(message)s"))
+            handler.setFormatter(HostRunFormatter())
             setattr(handler, _MARK, True)
             log.addHandler(handler)
         log.setLevel(level)

@@ -213,3 +213,20 @@ def test_a_path_that_is_not_a_checkout_is_named_for_what_it_is(tmp_path):
         check_checkout(tmp_path / "README.md", irn.INFO)
     with pytest.raises(FileNotFoundError, match="nowhere: no such directory"):
         check_checkout(tmp_path / "nowhere", irn.INFO)
+
+
+def test_try_shows_lpcams_warnings_from_a_host_run():
+    """A host run's output holds lpcam's messages among the host's; the try report repeats the warnings."""
+    import logging
+
+    from lpcam_adapters.trial import lpcam_warnings
+    from lpcam_core.logs import HostRunFormatter
+
+    def line(level, text):
+        return HostRunFormatter().format(logging.LogRecord("lpcam_core", level, "f", 1, text, (), None))
+
+    output = "\n".join(["epoch 1 loss 0.3", line(logging.INFO, "building the bank"),
+                        line(logging.WARNING, "class 3 kept a single prototype"), "step done",
+                        line(logging.WARNING, "class 3 kept a single prototype"), line(logging.ERROR, "x")])
+    assert lpcam_warnings(output) == ["[lpcam] WARNING: class 3 kept a single prototype"]
+    assert line(logging.INFO, "building the bank") == "[lpcam] building the bank"
