@@ -68,20 +68,29 @@ def recam_weights(args: Any) -> tuple[str, str]:
             os.path.join(args.recam_weight_dir, f"recam_predictor_{epochs}.pth"))
 
 
-def recam_host(args: Any, settings: HostSettings) -> irn_family.IRNFamily:
-    """The make_recam networks: baseline by ``forward2`` with ``W_recam``; features and scorer as chosen."""
+def recam_host(args: Any, settings: HostSettings, *,
+               flag: str = "--recam_weight_dir / --recam_num_epoches") -> irn_family.IRNFamily:
+    """The make_recam networks: baseline by ``forward2`` with ``W_recam``; features and scorer as chosen.
+    ``flag`` names the arguments that locate the checkpoints in errors (run_sample.py's, or lpcam's step's)."""
     import torch
 
     backbone, classifier = settings.option("backbone"), settings.option("classifier")
     if backbone == "cam" and classifier == "recam":
         raise ValueError("LPCAM_BACKBONE=cam needs LPCAM_CLASSIFIER=cls: W_recam belongs to the ReCAM backbone")
     backbone_path, predictor_path = recam_weights(args)
-    model = irn_family.load_model(args.cam_network, backbone_path, flag="--recam_weight_dir / --recam_num_epoches")
+    model = irn_family.load_model(args.cam_network, backbone_path, flag=flag)
     if not os.path.isfile(predictor_path):
-        raise FileNotFoundError(f"ReCAM predictor weights not found: {predictor_path} (run train_recam first)")
+        raise FileNotFoundError(f"ReCAM predictor weights not found: {predictor_path} (check {flag}; train_recam "
+                                "writes them)")
     network = importlib.import_module("net.resnet50_cam")
     predictor = network.Class_Predictor(irn_family.NUM_CLASSES, model.classifier.weight.shape[1])
-    predictor.load_state_dict(torch.load(predictor_path, map_location="cpu"))
+    try:  # a checkpoint never runs code: weights only
+        state = torch.load(predictor_path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        from lpcam_core.io import load_refusal
+
+        raise ValueError(f"{flag} {predictor_path}: not a readable checkpoint ({load_refusal(err)})") from None
+    predictor.load_state_dict(state)
     w_recam = predictor.classifier.weight.detach()  # [20, C, 1, 1]
     meta: dict[str, Any] = {"weights": os.path.abspath(backbone_path), "recam_predictor": os.path.abspath(predictor_path),
                             "recam_backbone": backbone, "recam_classifier": classifier}
@@ -109,12 +118,13 @@ def _plan(ns: Any, settings: HostSettings) -> irn_family.IRNFamily:
         return irn_family.cam_host(args, SPEC, flag="--weights")
     if not ns.recam_weight_dir:
         raise ValueError("--recam-weight-dir is required for ReCAM maps (or pass --plain-cam)")
-    return recam_host(args, settings)
+    return recam_host(args, settings, flag="--recam-weight-dir / --recam-epochs")
 
 
 def _extra_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recam-weight-dir", help="ReCAM's recam_weight dir (res50_recam_<N>.pth, recam_predictor_<N>.pth)")
-    p.add_argument("--recam-epochs", type=int, default=4, help="N of those files (args.recam_num_epoches)")
+    p.add_argument("--recam-epochs", type=int, default=4, help="N of those files: ReCAM's --recam_num_epoches "
+                   "(default 4, ReCAM's own default)")
     p.add_argument("--plain-cam", action="store_true", help="make_cam's plain CAM model (--weights) instead of ReCAM's")
 
 

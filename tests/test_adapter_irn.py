@@ -696,3 +696,42 @@ def test_make_takes_no_clustering_flags_its_bank_decides_them(host, capsys):
         assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
     make = [host, "make", *common, "--out", "o", "--config", "c.yaml"]
     assert build_parser(make).parse_args(make).config == "c.yaml"
+
+
+def test_recam_checkpoints_load_weights_only_and_errors_name_the_steps_flags(tmp_path, monkeypatch):
+    """ReCAM's predictor checkpoint is read with weights_only (a pickle naming code is refused, never run), and
+    a missing file names the flags of the command that was run."""
+    import argparse
+
+    from lpcam_adapters import recam
+    from lpcam_adapters.settings import read_settings
+
+    pkg = tmp_path / "net"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "resnet50_cam.py").write_text(
+        "import torch.nn as nn\n"
+        "class CAM(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.classifier = nn.Conv2d(8, 20, 1, bias=False)\n"
+        "class Class_Predictor(nn.Module):\n"
+        "    def __init__(self, n, c):\n        super().__init__()\n        self.classifier = nn.Conv2d(c, n, 1, bias=False)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [n for n in sys.modules if n == "net" or n.startswith("net.")]:
+        monkeypatch.delitem(sys.modules, name)
+    importlib.invalidate_caches()
+    network = importlib.import_module("net.resnet50_cam")
+    weights = tmp_path / "w"
+    weights.mkdir()
+    torch.save(network.CAM().state_dict(), weights / "res50_recam_1.pth")
+    args = argparse.Namespace(cam_network="net.resnet50_cam", cam_scales=(1.0,), cam_weights_name=None,
+                              recam_weight_dir=str(weights), recam_num_epoches=1)
+    settings = read_settings(recam.OPTIONS, {})
+    with pytest.raises(FileNotFoundError, match="check --recam-weight-dir / --recam-epochs"):
+        recam.recam_host(args, settings, flag="--recam-weight-dir / --recam-epochs")
+    with open(weights / "recam_predictor_1.pth", "wb") as f:  # a pickle that names a callable: os.system
+        f.write(b"\x80\x02cos\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85q\x02Rq\x03.")
+    with pytest.raises(ValueError, match="recam_predictor_1.pth: not a readable checkpoint"):
+        recam.recam_host(args, settings)
+    torch.save(network.Class_Predictor(20, 8).state_dict(), weights / "recam_predictor_1.pth")
+    host = recam.recam_host(args, settings)
+    assert host.extra_weight.shape == (20, 8, 1, 1)
