@@ -210,7 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, OSError) as err:  # a host's settings, checked as it loads
         sys.stderr.write(f"lpcam: error: {describe_error(err)}\n")
         return 2
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        hint = ""
+        if "rest" in vars(args):  # a step that runs the host's own script: its arguments go after `--`
+            hint = " (the host script's own arguments go after `--`: lpcam <host> <step> [lpcam flags] -- <script arguments>)"
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):

@@ -230,3 +230,17 @@ def test_try_shows_lpcams_warnings_from_a_host_run():
                         line(logging.WARNING, "class 3 kept a single prototype"), line(logging.ERROR, "x")])
     assert lpcam_warnings(output) == ["[lpcam] WARNING: class 3 kept a single prototype"]
     assert line(logging.INFO, "building the bank") == "[lpcam] building the bank"
+
+
+@pytest.mark.parametrize("host", ["mctformer", "clip-es"])
+def test_script_arguments_before_the_separator_are_named_with_the_fix(host, capsys):
+    from lpcam_core.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([host, "prototypes", "--host", ".", "--img_root", "/x"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --img_root" in err and "go after `--`" in err
+    with pytest.raises(SystemExit):
+        main(["irn", "make", "--host", "h", "--voc12-root", "v", "--weights", "w", "--out", "o", "--k", "5"])
+    assert "go after" not in capsys.readouterr().err  # IRN's steps run no script of the host's
