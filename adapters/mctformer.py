@@ -915,6 +915,17 @@ def main_args(rest: list[str]) -> list[str]:
     return argv
 
 
+def check_resume(argv: Sequence[str]) -> None:
+    """The attention maps come from a trained checkpoint: ``--resume`` must name one (a file, relative to the
+    working directory, or a URL) before MCTformer starts."""
+    value = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--resume"), None)
+    value = next((a.split("=", 1)[1] for a in argv if a.startswith("--resume=")), value)
+    if not value:
+        raise ValueError("main.py needs --resume <trained checkpoint> after `--` to generate attention maps")
+    if not value.startswith(("http://", "https://")) and not os.path.isfile(value):
+        raise FileNotFoundError(f"--resume {value}: no such file (relative to the working directory {os.getcwd()})")
+
+
 def _run_steps(ns: argparse.Namespace, env: dict[str, str]) -> int:
     from lpcam_core import run
 
@@ -935,6 +946,7 @@ def _run_steps(ns: argparse.Namespace, env: dict[str, str]) -> int:
         )
     if not ns.rest:
         raise ValueError("give MCTformer's main.py arguments after `--` (model, data, --resume, ...)")
+    check_resume(main_args(ns.rest))
     settings_for(None, {**os.environ, **env})  # a malformed setting fails now, before the host starts
     run_host_main(ns.host, main_args(ns.rest), environ=env)
     return 0

@@ -517,8 +517,11 @@ def test_patch_applies_checks_and_reverts(tmp_path):
         cli.patch_entry_script(tmp_path / "nowhere", mct.INFO)
 
 
-def test_cli_parses_steps_into_settings(monkeypatch):
+def test_cli_parses_steps_into_settings(monkeypatch, tmp_path):
     import argparse
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.pth").write_bytes(b"")  # the checkpoint --resume names
 
     parser = argparse.ArgumentParser(prog="lpcam")
     mct.register(parser.add_subparsers(dest="command"))
@@ -531,15 +534,16 @@ def test_cli_parses_steps_into_settings(monkeypatch):
     assert host == "H" and argv == ["--model", "m", "--resume", "c.pth", "--gen_attention_maps"]
     # no --build: the run's LPCAM_BUILD (environment, YAML) decides, default auto
     assert env == {"LPCAM_TAU": "0.2", "LPCAM_FLIP": "feature", "LPCAM_HEAD": "centre", "LPCAM": "1"}
-    args = parser.parse_args(["mctformer", "make", "--host", "H", "--build", "never", "--", "--model", "m"])
+    args = parser.parse_args(["mctformer", "make", "--host", "H", "--build", "never", "--", "--resume", "c.pth"])
     args.func(args)
     assert calls[-1][2] == {"LPCAM": "1", "LPCAM_BUILD": "never"}
     del calls[1:]
-    args = parser.parse_args(["mctformer", "prototypes", "--host", "H", "--k", "6", "--", "--gen_attention_maps"])
+    args = parser.parse_args(["mctformer", "prototypes", "--host", "H", "--k", "6", "--", "--gen_attention_maps",
+                              "--resume", "c.pth"])
     args.func(args)
-    assert calls[1][1] == ["--gen_attention_maps"]
+    assert calls[1][1] == ["--gen_attention_maps", "--resume", "c.pth"]
     assert calls[1][2] == {"LPCAM_K": "6", "LPCAM": "1", "LPCAM_BUILD": "only"}
-    args = parser.parse_args(["mctformer", "make", "--host", "H", "--off", "--", "--x"])
+    args = parser.parse_args(["mctformer", "make", "--host", "H", "--off", "--", "--resume", "c.pth"])
     args.func(args)
     assert calls[2][2]["LPCAM"] == "0"
     args = parser.parse_args(["mctformer", "make", "--host", "H"])
@@ -603,3 +607,23 @@ def test_all_zero_maps_the_engine_saves_are_warned_about(host_run, caplog):
     with caplog.at_level("WARNING", logger="lpcam_adapters.mctformer"):  # LPCAM=0: the host's run is not inspected
         mct.generate(_engine_with_a_zero_map, run.loader(), run.model, "cpu", run.args, _host_settings(enabled=False))
     assert not [r for r in caplog.records if "all zero" in r.getMessage()]
+
+
+def test_steps_name_a_missing_checkpoint_before_the_host_starts(tmp_path, monkeypatch):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="lpcam")
+    mct.register(parser.add_subparsers(dest="command"))
+    started = []
+    monkeypatch.setattr(mct, "run_host_main", lambda host, argv, environ: started.append(argv))
+    monkeypatch.chdir(tmp_path)
+    for rest, error in ((["--model", "m"], "needs --resume"), (["--resume", "nowhere.pth"], "--resume nowhere.pth: no such"),
+                        (["--resume="], "needs --resume")):
+        args = parser.parse_args(["mctformer", "prototypes", "--host", "H", "--", *rest])
+        with pytest.raises((ValueError, FileNotFoundError), match=error):
+            args.func(args)
+    (tmp_path / "c.pth").write_bytes(b"")
+    for rest in (["--resume", "c.pth"], ["--resume=c.pth"], ["--resume", "https://example.org/c.pth"]):
+        args = parser.parse_args(["mctformer", "prototypes", "--host", "H", "--", *rest])
+        assert args.func(args) == 0
+    assert len(started) == 3
