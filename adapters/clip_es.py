@@ -484,6 +484,35 @@ def install() -> None:
     )
 
 
+#: The generation script's input paths: (flag, "file" or "dir"); the lists' defaults are each script's
+#: (``--model`` may also be a CLIP model name, which the script downloads: not checked).
+SCRIPT_PATHS = (("--img_root", "dir"), ("--split_file", "file"))
+DEFAULT_SPLIT = {"generate_cams_voc12.py": "./voc12/train.txt", "generate_cams_coco14.py": "./coco14/train.txt"}
+
+
+def check_script_paths(argv: Sequence[str], script: str = INFO.entry_script) -> None:
+    """The script's inputs exist (relative paths: to the working directory, where the script runs), so a wrong
+    path is named with its flag before CLIP loads; for VOC, ``--img_root`` must have an ``Annotations`` folder
+    beside it (the script reads each image's XML there)."""
+    given = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv if a.startswith("--") and "=" in a}
+    given.update({a: argv[i + 1] for i, a in enumerate(argv[:-1]) if a.startswith("--") and "=" not in a})
+    where = f"(relative to the working directory {os.getcwd()})"
+    for flag, kind in SCRIPT_PATHS:
+        value = given.get(flag, DEFAULT_SPLIT.get(script) if flag == "--split_file" else None)
+        if value is None:
+            continue
+        ok = os.path.isdir(value) if kind == "dir" else os.path.isfile(value)
+        if not ok:
+            shown = value if flag in given else f"{value} (the script's default)"
+            raise FileNotFoundError(f"{flag} {shown}: no such {'folder' if kind == 'dir' else 'file'} {where}")
+    root = given.get("--img_root")
+    if root is not None and script == "generate_cams_voc12.py":
+        annotations = os.path.join(os.path.dirname(os.path.normpath(root)), "Annotations")
+        if not os.path.isdir(annotations):
+            raise FileNotFoundError(f"--img_root {root}: no Annotations folder beside it ({annotations}); the script "
+                                    "reads each image's VOC XML there (VOC2012/JPEGImages next to VOC2012/Annotations)")
+
+
 def _run(ns: argparse.Namespace, env: dict[str, str]) -> int:
     from .cli import run_host_script, settings_env
 
@@ -497,6 +526,7 @@ def _run(ns: argparse.Namespace, env: dict[str, str]) -> int:
     if not rest:
         raise ValueError("give the generate_cams script's arguments after `--` (--img_root, --model, --cam_out_dir, ...)")
     settings_for({**os.environ, **env})  # a malformed setting fails now, before CLIP loads
+    check_script_paths(rest, ns.script)
     from .cpu import cuda_as_cpu
 
     with cuda_as_cpu() as shimmed:  # the script divides by the GPU count; nothing changes where CUDA is

@@ -298,7 +298,8 @@ def load_npy(path: PathLike, *, what: str = "map") -> Any:
     if not p.is_file():
         if p.exists():
             raise ValueError(f"{what} file {str(p)!r} is not a regular file")
-        raise FileNotFoundError(f"{what} file not found: {str(p)!r}")
+        where = "" if p.is_absolute() else f" (relative to the working directory {os.getcwd()})"
+        raise FileNotFoundError(f"{what} file not found: {str(p)!r}{where}")
     if not _RestrictedUnpickler.allowed:
         _RestrictedUnpickler.allowed = _allowed_globals()
     try:

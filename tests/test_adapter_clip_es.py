@@ -176,3 +176,23 @@ def test_mctformer_eval_output_is_parsed():
 
     out = "0/60 background score: 0.000\tmIoU: 3.100%\nBest background score: 0.350\tmIoU: 43.210%\n"
     assert best_miou(out) == pytest.approx(0.4321) and best_miou("nothing") is None
+
+
+def test_the_scripts_input_paths_are_named_before_clip_loads(tmp_path, monkeypatch):
+    from lpcam_adapters import clip_es
+
+    monkeypatch.chdir(tmp_path)
+    images = tmp_path / "VOC2012" / "JPEGImages"
+    images.mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"--img_root nope: no such folder \(relative to the working directory"):
+        clip_es.check_script_paths(["--img_root", "nope"])
+    with pytest.raises(FileNotFoundError, match=r"--split_file ./voc12/train.txt \(the script's default\): no such file"):
+        clip_es.check_script_paths(["--img_root", str(images)])
+    (tmp_path / "voc12").mkdir()
+    (tmp_path / "voc12" / "train.txt").write_text("2007_000032\n")
+    with pytest.raises(FileNotFoundError, match="no Annotations folder beside it"):
+        clip_es.check_script_paths([f"--img_root={images}"])
+    (tmp_path / "VOC2012" / "Annotations").mkdir()
+    clip_es.check_script_paths(["--img_root", str(images), "--model", "ViT-B/16"])  # a model name is the script's
+    with pytest.raises(FileNotFoundError, match=r"--split_file ./coco14/train.txt \(the script's default\)"):
+        clip_es.check_script_paths(["--img_root", str(images)], "generate_cams_coco14.py")

@@ -316,3 +316,10 @@ def test_codecs_encode_is_allowed_for_latin1_text_only(tmp_path):
         _npy_of_pickle(tmp_path / name, payload)
         with pytest.raises(lio.UnsafeFileError, match="_codecs.encode of something other than latin-1 text"):
             lio.load_npy(tmp_path / name)
+
+
+def test_a_missing_relative_data_file_names_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"host data file not found: 'voc12/cls_labels.npy' \\(relative to the "
+                                                f"working directory {tmp_path}\\)"):
+        lio.load_npy("voc12/cls_labels.npy", what="host data")
