@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from lpcam_core.config import short_repr
+from lpcam_core.config import did_you_mean, short_repr
 
 __all__ = [
     "TRUE",
@@ -272,7 +272,8 @@ def read_settings(
             raise ValueError(f"{where}: `{name}` must be a mapping")
         unknown = sorted(set(map(str, block)) - set(keys))
         if unknown:
-            raise ValueError(f"{where}: unknown {name} key(s) {unknown}; known: {sorted(keys)}")
+            raise ValueError(f"{where}: unknown {name} key(s) {unknown}{did_you_mean(unknown, keys)}; "
+                             f"known: {sorted(keys)}")
         found[name] = {keys[k]: v for k, v in block.items()}
     preset = env.get("LPCAM_PRESET", "").strip() or data.pop("preset", None) or fallback_preset
     data.pop("preset", None)

@@ -8,10 +8,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["LPCAMConfig", "PRESETS", "parse_yaml_mapping", "load_yaml_mapping", "short_repr"]
+__all__ = ["LPCAMConfig", "PRESETS", "parse_yaml_mapping", "load_yaml_mapping", "short_repr", "did_you_mean"]
 
 GIB = 1024**3
 
@@ -146,9 +147,10 @@ class LPCAMConfig:
         data = dict(data)
         known = {f.name for f in fields(cls)}
         preset = data.pop("preset", None)
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(str, set(data) - known))
         if unknown:
-            raise ValueError(f"{source}: unknown LPCAM setting(s) {short_repr(unknown)}; known: {sorted(known)}")
+            raise ValueError(f"{source}: unknown LPCAM setting(s) {short_repr(unknown)}{did_you_mean(unknown, known)}; "
+                             f"known: {sorted(known - {'preset_name'} | {'preset'})}")  # what to_yaml writes, shown as `preset`
         try:
             if preset is not None:
                 return cls.preset(str(preset), **data)
@@ -219,7 +221,10 @@ def parse_yaml_mapping(text: str, where: str) -> dict[str, Any]:
             raise
         raise ValueError(f"{where}: {short_repr(str(err), 200)}") from None
     except yaml.YAMLError as err:
-        raise ValueError(f"{where}: not valid YAML ({short_repr(str(err), 300)})") from None
+        mark = getattr(err, "problem_mark", None)
+        problem = getattr(err, "problem", None) or str(err)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{where}: not valid YAML: {short_repr(' '.join(str(problem).split()), 200)}{at}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping of LPCAM settings, got {type(data).__name__}")
     return data
@@ -270,3 +275,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         seed=666,
     ),
 }
+
+
+def did_you_mean(unknown: Sequence[str], known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the first unknown key with a close known one, else ''."""
+    import difflib
+
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), sorted(map(str, known)), n=1, cutoff=0.75)
+        if close:
+            return f" (did you mean {close[0]!r} for {str(key)!r}?)"
+    return ""

@@ -170,3 +170,18 @@ def test_common_variables_a_host_does_not_read_are_reported_and_left_out_of_expl
     for info in (mctformer.INFO, clip_es.INFO):
         text = explain_text(info)
         assert "LPCAM_BANK" in text and not any(var in text for var in info.unread_env), info.name
+
+
+def test_settings_file_mistakes_are_one_line_with_the_likely_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("num_clusterz: 5\n")
+    with pytest.raises(ValueError, match=r"unknown LPCAM setting\(s\) \['num_clusterz'\] \(did you mean 'num_clusters'") as err:
+        hs.read_settings(OPTIONS, {"LPCAM_CONFIG": str(path)})
+    assert "'preset'" in str(err.value) and "preset_name" not in str(err.value)
+    path.write_text("adapter:\n  bnak: b.pt\n")
+    with pytest.raises(ValueError, match=r"unknown adapter key\(s\) \['bnak'\] \(did you mean 'bank'"):
+        hs.read_settings(OPTIONS, {"LPCAM_CONFIG": str(path)})
+    path.write_text("a: [1\nb: 2\n")
+    with pytest.raises(ValueError, match=r"not valid YAML: .* at line 2, column 2") as err:
+        hs.read_settings(OPTIONS, {"LPCAM_CONFIG": str(path)})
+    assert "\\n" not in str(err.value) and "\n" not in str(err.value)
