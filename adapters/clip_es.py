@@ -313,7 +313,8 @@ class LPCAMGradCAM:
                 "visual": run.model_fingerprint(self.model.visual), "proto_list": proto_list}
         never = settings.option("build") == "never" and not settings.rebuild_bank
         bank = run.reusable_bank(path, scorer, settings.lpcam, meta, rebuild=settings.rebuild_bank,
-                                 required="LPCAM_BUILD=never; build it with LPCAM_BUILD=only" if never else None)
+                                 required="LPCAM_BUILD=never; build it with `lpcam clip-es prototypes -- <script arguments>` "
+                                          "(or LPCAM_BUILD=only)" if never else None)
         if bank is not None:
             return bank
         from lpcam_core.io import check_output_dir

@@ -108,7 +108,8 @@ INFO = HostInfo(
     options=OPTIONS,
     env_docs={"LPCAM_PRESET": "voc or coco (default: from --data-set): the paper's K, mu_f, mu_b",
               "LPCAM_TAU": f"threshold on the min-max normalised baseline map splitting the pools (default {DEFAULT_TAU})",
-              "LPCAM_BANK": "prototype bank file (default <checkpoint>.lpcam_bank.pt beside --resume)",
+              "LPCAM_BANK": "prototype bank file (default <checkpoint without extension>.lpcam_bank.pt beside --resume, "
+                            "else <output_dir>/lpcam_bank.pt)",
               "LPCAM_BASELINE_DIR": "baseline maps of the prototype list (default <cam-npy-dir>_baseline)",
               "LPCAM_PROTO_LIST": "ids clustered for prototypes (default <img-list>/train_id.txt, VOC's 1,464)"},
     unread_env=("LPCAM_WORKERS", "LPCAM_DEVICE", "LPCAM_NO_PRETRAINED"),  # the host's main.py runs its own loop

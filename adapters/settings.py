@@ -35,6 +35,7 @@ __all__ = [
     "COMMON_ENV",
     "OTHER_VARS",
     "HOST_IGNORED_KEYS",
+    "COMMON_KEY_VARS",
     "UNREAD_REPORTED",
     "report_unread",
 ]
@@ -88,6 +89,11 @@ HOST_IGNORED_KEYS = {
 
 #: The unread variables already reported in this process (each is reported once).
 UNREAD_REPORTED: set[str] = set()
+
+#: :class:`HostSettings` fields -> the variable that also sets them.
+COMMON_KEY_VARS = {"enabled": "LPCAM", "bank_path": "LPCAM_BANK", "rebuild_bank": "LPCAM_REBUILD_BANK",
+                   "baseline_dir": "LPCAM_BASELINE_DIR", "proto_list": "LPCAM_PROTO_LIST", "workers": "LPCAM_WORKERS",
+                   "device": "LPCAM_DEVICE"}
 
 #: Keys of the YAML's ``adapter:`` section -> :class:`HostSettings` fields.
 _COMMON_KEYS = {"enabled": "enabled", "bank": "bank_path", "bank_path": "bank_path", "rebuild_bank": "rebuild_bank",
@@ -301,6 +307,11 @@ def read_settings(
             raise ValueError(f"LPCAM settings from the environment: {err}") from None
 
     common = dict(found[common_section])
+    for key, var in COMMON_KEY_VARS.items():
+        if key in common and var in unread and f"{where}:{key}" not in UNREAD_REPORTED:
+            UNREAD_REPORTED.add(f"{where}:{key}")
+            logger.warning("%s: %s.%s is set but %s does not read it, so it changes nothing", where, common_section,
+                           key, host or "this host")
     for key in ("enabled", "rebuild_bank"):
         if key in common:
             common[key] = parse_bool(common[key], f"{where}: {common_section}.{key}")

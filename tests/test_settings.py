@@ -185,3 +185,15 @@ def test_settings_file_mistakes_are_one_line_with_the_likely_key(tmp_path):
     with pytest.raises(ValueError, match=r"not valid YAML: .* at line 2, column 2") as err:
         hs.read_settings(OPTIONS, {"LPCAM_CONFIG": str(path)})
     assert "\\n" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_settings_file_key_the_host_does_not_read_is_reported_like_its_variable(tmp_path, monkeypatch, caplog):
+    import lpcam_adapters.clip_es as clip_es
+
+    monkeypatch.setattr(hs, "UNREAD_REPORTED", set())
+    path = tmp_path / "c.yaml"
+    path.write_text("adapter:\n  workers: 4\n  bank: b.pt\n")
+    with caplog.at_level("WARNING", logger=hs.__name__):
+        settings = clip_es.settings_for({"LPCAM_CONFIG": str(path)})
+    assert settings.bank_path == "b.pt"
+    assert "adapter.workers is set but clip-es does not read it" in caplog.text and "bank" not in caplog.text
