@@ -82,6 +82,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         for threshold, miou in curve:
             mark = " (best)" if threshold == best else ""
             print(f"| {threshold:.2f}{mark} | {100 * miou:.2f} |")
+        scores = dict(curve)
+        inner = {thresholds[0]: thresholds[1], thresholds[-1]: thresholds[-2]} if len(thresholds) > 1 else {}
+        if best in inner and scores[best] > scores[inner[best]]:  # still rising at the edge of the sweep
+            edge = "--sweep-stop" if best == thresholds[-1] else "--sweep-start"
+            print(f"\nthe best threshold {best} is the sweep's {'end' if edge == '--sweep-stop' else 'start'}: the best may "
+                  f"lie beyond it (widen {edge})")
         threshold = best
     else:
         threshold = args.threshold
@@ -175,9 +181,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     group = ev.add_mutually_exclusive_group()
     group.add_argument("--threshold", type=float, default=0.3, help="background threshold (default 0.3, the paper's)")
     group.add_argument("--sweep", action="store_true", help="sweep the threshold and report the best")
-    ev.add_argument("--sweep-start", type=float, default=0.05)
-    ev.add_argument("--sweep-stop", type=float, default=0.6)
-    ev.add_argument("--sweep-step", type=float, default=0.05)
+    ev.add_argument("--sweep-start", type=float, default=0.05, help="first threshold of --sweep (default 0.05)")
+    ev.add_argument("--sweep-stop", type=float, default=0.6, help="last threshold of --sweep (default 0.6)")
+    ev.add_argument("--sweep-step", type=float, default=0.05, help="step of --sweep (default 0.05)")
     ev.add_argument("--num-classes", type=int, default=21, help="classes including background (VOC: 21)")
     ev.add_argument("--background", choices=("plane", "channel0"), default="plane",
                     help="'plane': constant background at the threshold (IRN); 'channel0': AMN files")

@@ -244,3 +244,24 @@ def test_script_arguments_before_the_separator_are_named_with_the_fix(host, caps
     with pytest.raises(SystemExit):
         main(["irn", "make", "--host", "h", "--voc12-root", "v", "--weights", "w", "--out", "o", "--k", "5"])
     assert "go after" not in capsys.readouterr().err  # IRN's steps run no script of the host's
+
+
+def test_eval_sweep_says_when_the_best_is_at_its_edge(tmp_path, capsys):
+    """Right-half CAM 0.5 is wrong: every threshold below 0.5 is worse, so a sweep that stops at 0.5 is still
+    rising there; one that goes on to 0.6 is not (0.5 to 0.6 tie)."""
+    cams, gt = tmp_path / "cams", tmp_path / "gt"
+    cams.mkdir()
+    gt.mkdir()
+    label = np.zeros((8, 8), np.uint8)
+    label[:, :4] = 1
+    high = np.zeros((1, 8, 8), np.float32)
+    high[0, :, :4], high[0, :, 4:] = 0.9, 0.5
+    save_irn_cam(cams / "a.npy", torch.tensor([0]), torch.from_numpy(high[:, ::4, ::4].copy()), high)
+    _palette_png(gt / "a.png", label)
+    (tmp_path / "list.txt").write_text("a\n")
+    argv = ["eval", "--cams", str(cams), "--gt", str(gt), "--list", str(tmp_path / "list.txt"), "--sweep",
+            "--num-classes", "2"]
+    assert main([*argv, "--sweep-stop", "0.5"]) == 0
+    assert "the best threshold 0.5 is the sweep's end" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "sweep's end" not in capsys.readouterr().out
