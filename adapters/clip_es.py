@@ -391,8 +391,7 @@ def try_clip_es(info: HostInfo, host_dir: str, out: str, *, images: int = 20, si
 
     from .trial import CRF_INSTALL, command_line, percent, prepare_try, report, require_modules
 
-    require_modules(info, {"cv2": "opencv-python-headless", "lxml": "lxml", "ftfy": "ftfy", "regex": "regex",
-                           "ttach": "ttach", "torchvision": "torchvision"}, "clip-es")
+    require_modules(info, "clip-es")
 
     if images < 2:
         raise ValueError(f"--images {images}: expected at least 2 (CLIP-ES reads its list with np.loadtxt)")

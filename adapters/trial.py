@@ -238,10 +238,20 @@ def try_irn(info: HostInfo, host_dir: str, out: str, *, images: int = 20, size: 
 CRF_INSTALL = "pip install pydensecrf2 (lpcam's hosts extra: pip install '/path/to/lpcam[hosts]')"
 
 
-def require_modules(info: HostInfo, modules: dict[str, str], extra: str) -> None:
-    """Refuse a try path up front when a module the host imports is missing: ``{module: pip package}``, and
-    the lpcam extra that installs them."""
-    missing = {m: p for m, p in modules.items() if not hooks.installed(m)}
+#: The modules each lpcam extra installs for the host code that imports them: ``{extra: {module: pip package}}``
+#: (setup.cfg's extras; the host tests skip on the same table).
+EXTRA_MODULES = {
+    "hosts": {"cv2": "opencv-python-headless", "pydensecrf": "pydensecrf2"},
+    "mctformer": {"timm": "timm", "cv2": "opencv-python-headless", "sklearn": "scikit-learn", "pandas": "pandas"},
+    "clip-es": {"cv2": "opencv-python-headless", "ttach": "ttach", "lxml": "lxml", "ftfy": "ftfy", "regex": "regex",
+                "torchvision": "torchvision"},
+}
+
+
+def require_modules(info: HostInfo, extra: str) -> None:
+    """Refuse a try path up front when a module of :data:`EXTRA_MODULES` ``[extra]`` is missing, naming the pip
+    packages and the lpcam extra that installs them (lpcam's import-only stand-ins do not count)."""
+    missing = {m: p for m, p in EXTRA_MODULES[extra].items() if not hooks.installed(m)}
     if missing:
         raise ValueError(f"{info.title} needs {', '.join(missing)}: pip install {' '.join(missing.values())} "
                          f"(lpcam's {extra} extra: pip install '/path/to/lpcam[{extra}]')")
@@ -311,7 +321,7 @@ def try_mctformer(info: HostInfo, host_dir: str, out: str, *, images: int = 20, 
     """The try path for MCTformer: main.py trains, generates (LPCAM=0, then the swap) and evaluation.py scores."""
     from . import cli
 
-    require_modules(info, {"timm": "timm"}, "mctformer")
+    require_modules(info, "mctformer")
     checkout = cli.check_checkout(host_dir, info)
     models_py = (checkout / "models.py").read_text(encoding="utf-8", errors="replace")
     plus = "class MCTformerPlus" in models_py

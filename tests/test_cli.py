@@ -265,3 +265,19 @@ def test_eval_sweep_says_when_the_best_is_at_its_edge(tmp_path, capsys):
     assert "the best threshold 0.5 is the sweep's end" in capsys.readouterr().out
     assert main(argv) == 0
     assert "sweep's end" not in capsys.readouterr().out
+
+
+def test_the_extras_table_is_what_setup_cfg_installs():
+    """``lpcam_adapters.trial.EXTRA_MODULES`` names, per extra, packages setup.cfg's extra really installs."""
+    import configparser
+    import re
+    from pathlib import Path
+
+    from lpcam_adapters.trial import EXTRA_MODULES
+
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    for extra, modules in EXTRA_MODULES.items():
+        installed = {re.split(r"[<>=!\[ ]", line.strip())[0].lower()
+                     for line in cfg["options.extras_require"][extra].splitlines() if line.strip()}
+        assert {p.lower() for p in modules.values()} <= installed, (extra, installed)

@@ -30,16 +30,13 @@ NUM_TRAIN = 20  # IRN's steps divide by len(list) // 20: fewer images per worker
 IMAGE_SIZE = 32
 
 
-EXTRAS = {"hosts": ("cv2", "pydensecrf"), "mctformer": ("timm", "cv2", "sklearn", "pandas"),
-          "clip-es": ("cv2", "ttach", "lxml", "ftfy", "regex")}
-
-
 def require_extra(extra: str) -> None:
     """Skip, naming the extra to install, when a module the host code imports is missing (lpcam's import-only
     stand-ins do not count)."""
     from lpcam_adapters import hooks
+    from lpcam_adapters.trial import EXTRA_MODULES
 
-    missing = [m for m in EXTRAS[extra] if not hooks.installed(m)]
+    missing = [m for m in EXTRA_MODULES[extra] if not hooks.installed(m)]
     if missing:
         pytest.skip(f"the host code imports {', '.join(missing)}: pip install -e '.[test,hosts,mctformer,clip-es]' "
                     f"(extra `{extra}`; `make test` installs it)")
