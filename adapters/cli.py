@@ -17,7 +17,7 @@ import importlib
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ __all__ = [
     "add_settings_flags",
     "settings_env",
     "run_host_script",
+    "script_flags",
     "SETTINGS_FLAGS",
     "IMPORT_LINE",
 ]
@@ -299,6 +300,19 @@ def _cmd_patch(ns: argparse.Namespace) -> int:
     status = patch_entry_script(ns.host_dir, ns.info, revert=ns.revert, check=ns.check)
     sys.stdout.write(f"{Path(ns.host_dir) / ns.info.entry_script}: {status}\n")
     return 0
+
+
+def script_flags(argv: Sequence[str]) -> dict[str, str]:
+    """``{--flag: value}`` of a host script's arguments, given as ``--flag value`` or ``--flag=value`` (the
+    last one wins, as argparse takes it); a flag followed by another flag maps to that flag (not read here)."""
+    values: dict[str, str] = {}
+    for i, arg in enumerate(argv):
+        if arg.startswith("--") and "=" in arg:
+            flag, value = arg.split("=", 1)
+            values[flag] = value
+        elif arg.startswith("--") and i + 1 < len(argv):
+            values[arg] = argv[i + 1]
+    return values
 
 
 def run_host_script(host_dir: str | os.PathLike, script: str, argv: list[str], *, environ: dict[str, str] | None = None,

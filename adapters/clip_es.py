@@ -494,8 +494,9 @@ def check_script_paths(argv: Sequence[str], script: str = INFO.entry_script) -> 
     """The script's inputs exist (relative paths: to the working directory, where the script runs), so a wrong
     path is named with its flag before CLIP loads; for VOC, ``--img_root`` must have an ``Annotations`` folder
     beside it (the script reads each image's XML there)."""
-    given = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv if a.startswith("--") and "=" in a}
-    given.update({a: argv[i + 1] for i, a in enumerate(argv[:-1]) if a.startswith("--") and "=" not in a})
+    from .cli import script_flags
+
+    given = script_flags(argv)
     where = f"(relative to the working directory {os.getcwd()})"
     for flag, kind in SCRIPT_PATHS:
         value = given.get(flag, DEFAULT_SPLIT.get(script) if flag == "--split_file" else None)

@@ -919,8 +919,9 @@ def main_args(rest: list[str]) -> list[str]:
 def check_resume(argv: Sequence[str]) -> None:
     """The attention maps come from a trained checkpoint: ``--resume`` must name one (a file, relative to the
     working directory, or a URL) before MCTformer starts."""
-    value = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--resume"), None)
-    value = next((a.split("=", 1)[1] for a in argv if a.startswith("--resume=")), value)
+    from .cli import script_flags
+
+    value = script_flags(argv).get("--resume")
     if not value:
         raise ValueError("main.py needs --resume <trained checkpoint> after `--` to generate attention maps")
     if not value.startswith(("http://", "https://")) and not os.path.isfile(value):
