@@ -11,7 +11,6 @@ Torch-free: the CLI reads the tables while building its parser.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 import multiprocessing
@@ -20,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from lpcam_core.config import did_you_mean, short_repr
+from lpcam_core.config import closest_key, did_you_mean, short_repr
 
 __all__ = [
     "TRUE",
@@ -315,10 +314,10 @@ def read_settings(
     for key in ("enabled", "rebuild_bank"):
         if key in common:
             common[key] = parse_bool(common[key], f"{where}: {common_section}.{key}")
-    for var, key in (("LPCAM_BANK", "bank_path"), ("LPCAM_BASELINE_DIR", "baseline_dir"),
-                     ("LPCAM_PROTO_LIST", "proto_list"), ("LPCAM_DEVICE", "device")):
-        if env.get(var, "").strip():
-            common[key] = env[var].strip()
+    text_fields = ("bank_path", "baseline_dir", "proto_list", "device")
+    for key in text_fields:
+        if env.get(COMMON_KEY_VARS[key], "").strip():
+            common[key] = env[COMMON_KEY_VARS[key]].strip()
     if "LPCAM_REBUILD_BANK" in env:
         common["rebuild_bank"] = parse_bool(env["LPCAM_REBUILD_BANK"], "LPCAM_REBUILD_BANK")
     if "LPCAM" in env:
@@ -331,7 +330,7 @@ def read_settings(
         raise ValueError(f"LPCAM_WORKERS={common['workers']}: expected an int >= 0")
     if common.get("device"):
         _check_device(str(common["device"]))
-    for key in ("bank_path", "baseline_dir", "proto_list", "device"):
+    for key in text_fields:
         if common.get(key) is not None:
             common[key] = str(common[key])
 
@@ -363,9 +362,9 @@ def report_unread(environ: Mapping[str, str], options: Sequence[Option] = (), ho
         return []  # spawned workers and torchrun ranks > 0 read the same variables as the process that reported
     for var in ignored:
         UNREAD_REPORTED.add(var)
-        close = difflib.get_close_matches(var[6:], sorted(k[6:] for k in known), n=1, cutoff=0.75)  # after LPCAM_
+        close = closest_key(var[6:], [k[6:] for k in known])  # after LPCAM_: LPCAM_AMP is not LPCAM_MU
         logger.warning("%s is set but %s does not read it, so it changes nothing%s%s", var, host or "this host",
-                       f" (did you mean LPCAM_{close[0]}?)" if close else " (a typo, or another host's setting?)",
+                       f" (did you mean LPCAM_{close}?)" if close else " (a typo, or another host's setting?)",
                        f"; `lpcam {host} --explain` lists what {host} reads" if host else "")
     return ignored
 

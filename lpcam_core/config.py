@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["LPCAMConfig", "PRESETS", "parse_yaml_mapping", "load_yaml_mapping", "short_repr", "did_you_mean"]
+__all__ = ["LPCAMConfig", "PRESETS", "parse_yaml_mapping", "load_yaml_mapping", "short_repr", "closest_key", "did_you_mean"]
 
 GIB = 1024**3
 
@@ -277,12 +277,19 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def did_you_mean(unknown: Sequence[str], known: Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` for the first unknown key with a close known one, else ''."""
+def closest_key(key: str, known: Iterable[str]) -> str | None:
+    """The known key ``key`` most likely misspells (difflib ratio at least 0.75), else None."""
     import difflib
 
+    close = difflib.get_close_matches(str(key), sorted(map(str, known)), n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+def did_you_mean(unknown: Sequence[str], known: Iterable[str]) -> str:
+    """`` (did you mean 'x' for 'y'?)`` for the first unknown key with a close known one, else ''."""
+    known = list(known)
     for key in unknown:
-        close = difflib.get_close_matches(str(key), sorted(map(str, known)), n=1, cutoff=0.75)
+        close = closest_key(key, known)
         if close:
-            return f" (did you mean {close[0]!r} for {str(key)!r}?)"
+            return f" (did you mean {close!r} for {str(key)!r}?)"
     return ""
