@@ -85,9 +85,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         scores = dict(curve)
         inner = {thresholds[0]: thresholds[1], thresholds[-1]: thresholds[-2]} if len(thresholds) > 1 else {}
         if best in inner and scores[best] > scores[inner[best]]:  # still rising at the edge of the sweep
-            edge = "--sweep-stop" if best == thresholds[-1] else "--sweep-start"
-            print(f"\nthe best threshold {best} is the sweep's {'end' if edge == '--sweep-stop' else 'start'}: the best may "
-                  f"lie beyond it (widen {edge})")
+            end, flag = ("end", "--sweep-stop") if best == thresholds[-1] else ("start", "--sweep-start")
+            print(f"\nthe best threshold {best} is the sweep's {end}: the best may lie beyond it (widen {flag})")
         threshold = best
     else:
         threshold = args.threshold
